@@ -1,0 +1,201 @@
+"""The ``modalitybank`` command.
+
+Each long command shows progress on stderr and writes into a run directory; commands that take
+``--json`` print one JSON object as their last line on stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from modalitybank import config
+
+DEFAULT_CACHE = Path(os.environ.get("MODALITYBANK_CACHE", Path.home() / ".cache" / "modalitybank" / "slices"))
+
+
+def _emit(result: dict[str, Any], as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(result))
+    else:
+        for key, value in result.items():
+            print(f"{key}: {json.dumps(value) if isinstance(value, dict | list) else value}")
+
+
+# -- commands ---------------------------------------------------------------------------------
+def cmd_phantom(a: argparse.Namespace) -> dict[str, Any]:
+    from modalitybank.data.phantom import make_phantom
+
+    summary = make_phantom(a.out, scale=a.scale, seed=a.seed, progress=not a.quiet)
+    return {"root": str(a.out), "scale": a.scale, "seed": a.seed,
+            "cases": {k: len(v) for k, v in summary["cases"].items()}, "test": len(summary["test"]),
+            "lgg": len(summary["lgg"])}
+
+
+def cmd_pretrain(a: argparse.Namespace) -> dict[str, Any]:
+    from modalitybank.training import pretrain
+
+    return pretrain(a.run_dir, a.data, scale=a.scale, cache_dir=a.cache_dir, progress=not a.quiet,
+                    iterations=a.iterations, seed=a.seed)
+
+
+def cmd_train_local(a: argparse.Namespace) -> dict[str, Any]:
+    from modalitybank.report import report_run
+    from modalitybank.training import train_bank
+
+    result = train_bank(a.run_dir, a.data, a.pretrained, scale=a.scale, experiment=a.experiment,
+                        baseline=a.baseline, cache_dir=a.cache_dir, progress=not a.quiet,
+                        iterations=a.iterations, seed=a.seed)
+    report = report_run(a.run_dir, a.data, a.scale, a.experiment, cache_dir=a.cache_dir)
+    return {**result, "quality": report["quality"], "figure": report["figure"], "loss_curves": report["loss_curves"]}
+
+
+def cmd_synthesize(a: argparse.Namespace) -> dict[str, Any]:
+    from modalitybank.store import load_generator, read_info
+    from modalitybank.synthesis import synthesize_cases
+
+    info = read_info(a.generator)
+    modalities = a.modalities or info["modalities"]
+    generator = load_generator(a.generator, modalities if info["architecture"]["modulated"] else None)
+    real = config.experiment(a.experiment)["sites"] if a.experiment else None
+    return synthesize_cases(generator, a.data, a.out, modalities, info["image_size"], split=a.split,
+                            keep_real=a.keep_real, real_modalities=real, progress=not a.quiet)
+
+
+def cmd_params(a: argparse.Namespace) -> dict[str, Any]:
+    from modalitybank.networks import build_generator
+
+    model = config.preset(a.scale)["model"]
+    generator = build_generator(model)
+    generator.bank.add("t1")
+    counts = generator.bank.parameter_counts()
+    return {**counts, "entry_fraction": round(counts["entry_params"] / counts["base_params"], 4), "scale": a.scale,
+            "ngf": model["ngf"], "n_blocks": model["n_blocks"]}
+
+
+def cmd_bench_layers(a: argparse.Namespace) -> dict[str, Any]:
+    from modalitybank.bench import bench_layers
+
+    return bench_layers(a.scale, steps=a.steps, rounds=a.rounds)
+
+
+def cmd_demo(a: argparse.Namespace) -> dict[str, Any]:
+    """phantom → pre-train → bank → synthesize, the README's main job."""
+    from modalitybank.data.phantom import make_phantom
+
+    work = Path(a.workdir)
+    t0 = time.perf_counter()
+    data, cache = work / "data", work / "cache"
+    common = {"scale": a.scale, "cache_dir": cache, "quiet": a.quiet, "seed": a.seed, "iterations": None}
+    print(f"[1/4] BraTS-like phantom ({a.scale}) -> {data}", file=sys.stderr)
+    make_phantom(data, scale=a.scale, seed=a.seed, progress=not a.quiet)
+    print("[2/4] pre-training the generator on the LGG-like T1c source set", file=sys.stderr)
+    cmd_pretrain(argparse.Namespace(run_dir=work / "pretrain", data=data, **common))
+    print(f"[3/4] learning the bank entries ({a.experiment}) against per-site discriminators", file=sys.stderr)
+    trained = cmd_train_local(argparse.Namespace(run_dir=work / "bank", data=data, pretrained=work / "pretrain",
+                                                 experiment=a.experiment, baseline=None, **common))
+    print("[4/4] synthesizing complete cases for the test masks", file=sys.stderr)
+    synth = cmd_synthesize(argparse.Namespace(generator=work / "bank", data=data, out=work / "synthetic",
+                                              modalities=None, split="test", keep_real=False, experiment=None,
+                                              quiet=a.quiet))
+    return {"figure": trained["figure"], "loss_curves": trained["loss_curves"], "quality": trained["quality"],
+            "synthetic": synth["datalist"], "seconds": round(time.perf_counter() - t0, 1)}
+
+
+# -- parser -----------------------------------------------------------------------------------
+def _common(p: argparse.ArgumentParser, data: bool = True, run_dir: bool = True) -> None:
+    p.add_argument("--scale", default="tiny", choices=config.scales(), help="size preset (configs/presets.json)")
+    if data:
+        p.add_argument("--data", type=Path, required=True, help="BraTS-layout folder (the phantom or real BraTS 2018)")
+        p.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE, help="slice cache (default: %(default)s)")
+    if run_dir:
+        p.add_argument("--run-dir", type=Path, required=True, help="where checkpoints, logs and figures go; "
+                       "an unfinished run there is resumed")
+        p.add_argument("--iterations", type=int, default=None, help="override the preset's iteration count")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--json", action="store_true", help="print one JSON object as the last line")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="modalitybank", description=__doc__.splitlines()[0] + " ModalityBank: "
+                                     "a central mask-to-image generator with one mAdaFM bank entry per modality.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    data = sub.add_parser("data", help="data sets").add_subparsers(dest="data_command", required=True)
+    p = data.add_parser("phantom", help="write the BraTS-like phantom (real MNI152 anatomy, synthetic tumours, "
+                        "3 centres with their scanner styles, an LGG-like T1c source set) in the BraTS 2018 layout")
+    p.add_argument("--out", type=Path, required=True, help="output root (HGG/, LGG/, splits.json, dataset.json)")
+    _common(p, data=False, run_dir=False)
+    p.set_defaults(fn=cmd_phantom)
+
+    p = sub.add_parser("pretrain", help="pre-train the whole generator centrally on the source set (LGG, T1c)")
+    _common(p)
+    p.set_defaults(fn=cmd_pretrain)
+
+    p = sub.add_parser("train-local", help="learn one bank entry per target modality against per-site "
+                       "discriminators in one process (the reference for the federated run)")
+    _common(p)
+    p.add_argument("--pretrained", type=Path, help="run dir of `modalitybank pretrain`")
+    p.add_argument("--experiment", default="multimodal", choices=config.experiments())
+    p.add_argument("--baseline", choices=["asyndgan"], default=None,
+                   help="train the AsynDGAN baseline (one multi-channel generator, no bank) instead")
+    p.set_defaults(fn=cmd_train_local)
+
+    p = sub.add_parser("synthesize", help="masks -> complete multi-modality cases (NIfTI, BraTS layout) + datalist")
+    p.add_argument("--generator", type=Path, required=True, help="run dir holding generator.json")
+    p.add_argument("--data", type=Path, required=True, help="BraTS-layout folder whose masks are used")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--modalities", nargs="+", choices=config.MODALITIES, help="default: all the generator has")
+    p.add_argument("--split", default="test", choices=["train", "test", "all"])
+    p.add_argument("--keep-real", action="store_true", help="copy the real modalities a site holds and generate "
+                   "only the missing ones (modality completion)")
+    p.add_argument("--experiment", choices=config.experiments(), help="with --keep-real: which modalities each "
+                   "site holds (default: the files present)")
+    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(fn=cmd_synthesize)
+
+    p = sub.add_parser("params", help="parameter counts: frozen base and one bank entry of the default generator")
+    p.add_argument("--scale", default="small", choices=config.scales())
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(fn=cmd_params)
+
+    bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench_command", required=True)
+    p = bench.add_parser("layers", help="mAdaFM generator vs the same generator with plain convolutions, "
+                         "training and (folded) inference, side by side")
+    p.add_argument("--scale", default="small", choices=config.scales())
+    p.add_argument("--steps", type=int, default=5, help="calls per round")
+    p.add_argument("--rounds", type=int, default=9, help="alternating rounds (the median is reported)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(fn=cmd_bench_layers)
+
+    p = sub.add_parser("demo", help="the main job: phantom -> pre-train -> bank -> synthesize, with figures")
+    p.add_argument("--workdir", type=Path, default=Path("runs/demo"))
+    p.add_argument("--scale", default="tiny", choices=config.scales())
+    p.add_argument("--experiment", default="missing_modality", choices=config.experiments())
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(fn=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        result = args.fn(args)
+    except (ValueError, FileNotFoundError, KeyError) as err:
+        print(f"modalitybank: error: {err}", file=sys.stderr)
+        return 2
+    _emit(result, args.json)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

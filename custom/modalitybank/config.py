@@ -1,0 +1,51 @@
+"""Presets and experiment definitions, read from the JSON files in ``configs/``.
+
+Figures (case counts, image size, iterations, network width) live in those files, not in
+code: every command takes ``--scale NAME`` and looks its numbers up here.
+"""
+
+from __future__ import annotations
+
+import json
+from functools import cache
+from importlib import resources
+from typing import Any
+
+#: Modality names used throughout the package, in canonical order.
+MODALITIES: tuple[str, ...] = ("t1", "t1c", "t2", "flair")
+#: File suffix of each modality in the BraTS 2018 layout (``<case>_t1ce.nii.gz`` holds T1c).
+MODALITY_SUFFIX: dict[str, str] = {"t1": "t1", "t1c": "t1ce", "t2": "t2", "flair": "flair"}
+#: Tumour labels of BraTS: 1 necrosis / non-enhancing core, 2 edema, 4 enhancing tumour.
+BRATS_LABELS: tuple[int, ...] = (0, 1, 2, 4)
+#: The three data centres of BraTS 2018, as the paper splits them.
+CENTRES: tuple[str, ...] = ("CBICA", "TCIA", "Other")
+
+
+@cache
+def _load(name: str) -> dict[str, Any]:
+    text = resources.files("modalitybank").joinpath("configs", name).read_text()
+    return {k: v for k, v in json.loads(text).items() if not k.startswith("_")}
+
+
+def preset(scale: str) -> dict[str, Any]:
+    """The size preset ``scale`` (``tiny``, ``small`` or ``paper``) from ``configs/presets.json``."""
+    presets = _load("presets.json")
+    if scale not in presets:
+        raise ValueError(f"unknown scale {scale!r}; choose one of {sorted(presets)}")
+    return json.loads(json.dumps(presets[scale]))  # a private copy the caller may edit
+
+
+def scales() -> list[str]:
+    return sorted(_load("presets.json"))
+
+
+def experiment(name: str) -> dict[str, Any]:
+    """The experiment ``name`` (``multimodal``, ``missing_modality``) or ``pretrain`` from ``configs/experiments.json``."""
+    experiments = _load("experiments.json")
+    if name not in experiments:
+        raise ValueError(f"unknown experiment {name!r}; choose one of {sorted(experiments)}")
+    return json.loads(json.dumps(experiments[name]))
+
+
+def experiments() -> list[str]:
+    return sorted(k for k in _load("experiments.json") if k != "pretrain")

@@ -1,0 +1,135 @@
+"""The GAN step: the one piece of training logic every loop in the project runs.
+
+One iteration of ModalityBank, split where the network splits it:
+
+* **site** (:func:`site_step`, runs inside a hospital): update the discriminator on
+  (mask, real) against (mask, fake); then compute the generator's loss for the fakes —
+  adversarial + λ·L1 against the real image — and return only its gradient with respect to
+  the fakes, plus scalar losses.
+* **server** (:func:`generator_step`): backpropagate the returned gradients through the
+  generator into the parameters being learned (the bank entries), one optimiser step.
+
+:func:`gan_step` chains the two in one process (AsynDGAN's reference setting: every site's
+discriminator in one process). The federated executor calls :func:`site_step` on each site and
+the controller :func:`generator_step` on the server, so all training shares this code.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from monai.losses import PatchAdversarialLoss
+from torch import nn
+
+__all__ = ["GanLoss", "SiteBatch", "SiteModel", "gan_step", "generator_step", "site_step"]
+
+
+@dataclass(frozen=True)
+class GanLoss:
+    """Loss weights. Defaults are AsynDGAN's (pix2pix): least-squares GAN + 100·L1."""
+
+    lambda_l1: float = 100.0
+    criterion: str = "least_squares"
+
+    def adversarial(self) -> PatchAdversarialLoss:
+        return PatchAdversarialLoss(criterion=self.criterion)
+
+
+@dataclass
+class SiteModel:
+    """A site's discriminators (one per modality it holds) and their optimisers."""
+
+    discriminators: dict[str, nn.Module]
+    optimizers: dict[str, torch.optim.Optimizer]
+
+    @property
+    def modalities(self) -> list[str]:
+        return list(self.discriminators)
+
+
+@dataclass
+class SiteBatch:
+    """One batch of a site: mask channels ``(N, 5, *S)`` and real images ``{modality: (N, 1, *S)}``."""
+
+    mask: torch.Tensor
+    reals: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+def site_step(discriminator: nn.Module, optimizer: torch.optim.Optimizer, mask: torch.Tensor, real: torch.Tensor,
+              fake: torch.Tensor, loss: GanLoss = GanLoss()) -> tuple[torch.Tensor, dict[str, float]]:
+    """What a site does with one modality's fakes.
+
+    Args:
+        discriminator: ``D(mask, image) -> patch logits``; updated in place.
+        optimizer: the discriminator's optimiser.
+        mask: ``(N, 5, *S)`` mask channels the fakes were made from.
+        real: ``(N, 1, *S)`` the site's real images of that modality (never leave the site).
+        fake: ``(N, 1, *S)`` synthetic images from the server (any autograd history is cut).
+        loss: loss weights.
+
+    Returns:
+        ``grad``: ``dL_G/d fake``, same shape as ``fake``, what the site returns to the server;
+        ``losses``: ``{"d": .., "g_adv": .., "g_l1": .., "g": ..}`` as floats.
+    """
+    adversarial = loss.adversarial()
+    fake = fake.detach().to(real.dtype)
+    discriminator.train()
+    optimizer.zero_grad(set_to_none=True)
+    loss_d = 0.5 * (adversarial(discriminator(mask, real), target_is_real=True, for_discriminator=True)
+                    + adversarial(discriminator(mask, fake), target_is_real=False, for_discriminator=True))
+    loss_d.backward()
+    optimizer.step()
+
+    fake_leaf = fake.clone().requires_grad_(True)
+    loss_adv = adversarial(discriminator(mask, fake_leaf), target_is_real=True, for_discriminator=False)
+    loss_l1 = F.l1_loss(fake_leaf, real)
+    loss_g = loss_adv + loss.lambda_l1 * loss_l1
+    (grad,) = torch.autograd.grad(loss_g, fake_leaf)  # the discriminator's parameters get no gradient
+    losses = {"d": loss_d.item(), "g_adv": loss_adv.item(), "g_l1": loss_l1.item(), "g": loss_g.item()}
+    return grad, losses
+
+
+def generator_step(optimizer: torch.optim.Optimizer, fakes: Sequence[torch.Tensor],
+                   grads: Sequence[torch.Tensor]) -> None:
+    """Backpropagate the sites' gradients w.r.t. the fakes into the generator; one optimiser step.
+
+    The gradients of all sites and modalities add up: the generator minimises the sum of the
+    sites' losses, as in AsynDGAN.
+    """
+    optimizer.zero_grad(set_to_none=True)
+    torch.autograd.backward(list(fakes), [g.to(f.dtype) for f, g in zip(fakes, grads, strict=True)])
+    optimizer.step()
+
+
+def gan_step(generator: nn.Module, g_optimizer: torch.optim.Optimizer, sites: Mapping[str, SiteModel],
+             batches: Mapping[str, SiteBatch], loss: GanLoss = GanLoss()) -> dict[str, dict[str, float]]:
+    """One iteration in a single process: every site's D step on fakes of each modality it holds,
+    then one generator step on the sum of their gradients.
+
+    Args:
+        generator: a generator with ``generate(mask, modalities) -> {modality: fake}``.
+        g_optimizer: optimiser over what the generator learns (bank entries, or all weights in
+            pre-training).
+        sites: ``{site: SiteModel}``.
+        batches: ``{site: SiteBatch}`` for this iteration.
+        loss: loss weights.
+
+    Returns:
+        ``{"<site>/<modality>": losses}`` as returned by :func:`site_step`.
+    """
+    generator.train()
+    fakes, grads, report = [], [], {}
+    for name, site in sites.items():
+        batch = batches[name]
+        site_fakes = generator.generate(batch.mask, site.modalities)
+        for modality, fake in site_fakes.items():
+            grad, losses = site_step(site.discriminators[modality], site.optimizers[modality], batch.mask,
+                                     batch.reals[modality], fake, loss)
+            fakes.append(fake)
+            grads.append(grad)
+            report[f"{name}/{modality}"] = losses
+    generator_step(g_optimizer, fakes, grads)
+    return report

@@ -1,0 +1,220 @@
+"""The networks: the mask→image generator, the site discriminator, the segmentation network.
+
+* :class:`ResnetGenerator` — pix2pix-style ResNet encoder–decoder (the AsynDGAN/ModalityBank
+  lineage). With ``modulated=True`` every convolution and transposed convolution is an mAdaFM
+  layer, so the network carries a :class:`~modalitybank.bank.ModalityBank`; with
+  ``output_modalities`` and ``modulated=False`` it is the AsynDGAN baseline: one plain generator
+  with one output channel per modality.
+* :class:`ConditionalDiscriminator` — MONAI's ``PatchDiscriminator`` on (mask, image).
+* :func:`segmentation_network` — MONAI's ``BasicUNet``.
+
+The generator's input is the tumour label map one-hot over the BraTS labels (0, 1, 2, 4) plus a
+brain-mask channel (:func:`mask_channels`), so it knows where the brain is.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from monai.networks.layers.factories import Conv, Norm
+from monai.networks.nets import BasicUNet, PatchDiscriminator
+from torch import nn
+
+from modalitybank.bank import ModalityBank
+from modalitybank.config import BRATS_LABELS
+from modalitybank.layers import MAdaFMConv
+
+__all__ = [
+    "MASK_CHANNELS",
+    "ConditionalDiscriminator",
+    "ResnetGenerator",
+    "build_discriminator",
+    "build_generator",
+    "mask_channels",
+    "segmentation_network",
+]
+
+#: Generator input channels: one-hot BraTS labels (0, 1, 2, 4) and the brain mask.
+MASK_CHANNELS = len(BRATS_LABELS) + 1
+
+
+def mask_channels(label: torch.Tensor, brain: torch.Tensor) -> torch.Tensor:
+    """Generator input from a label map and a brain mask.
+
+    Args:
+        label: ``(N, *spatial)`` integer BraTS labels in {0, 1, 2, 4}.
+        brain: ``(N, *spatial)`` brain mask in {0, 1}.
+
+    Returns:
+        ``(N, 5, *spatial)`` float: one-hot labels 0, 1, 2, 4 (label 0 only inside the brain)
+        and the brain mask.
+    """
+    label = label.long()
+    brain_f = (brain > 0).float()
+    planes = [((label == 0).float() * brain_f)] + [(label == v).float() for v in BRATS_LABELS[1:]] + [brain_f]
+    return torch.stack(planes, dim=1)
+
+
+def _conv(modulated: bool, spatial_dims: int, cin: int, cout: int, kernel: int, stride: int = 1,
+          padding: int = 0, transposed: bool = False, padding_mode: str = "zeros") -> nn.Module:
+    if modulated:
+        return MAdaFMConv(spatial_dims, cin, cout, kernel, stride=stride, padding=padding, transposed=transposed,
+                          output_padding=1 if transposed else 0, padding_mode=padding_mode)
+    if transposed:
+        return Conv[Conv.CONVTRANS, spatial_dims](cin, cout, kernel, stride=stride, padding=padding, output_padding=1)
+    return Conv[Conv.CONV, spatial_dims](cin, cout, kernel, stride=stride, padding=padding, padding_mode=padding_mode)
+
+
+class _ResidualBlock(nn.Module):
+    def __init__(self, modulated: bool, spatial_dims: int, channels: int) -> None:
+        super().__init__()
+        norm = Norm[Norm.INSTANCE, spatial_dims]
+        self.body = nn.Sequential(
+            _conv(modulated, spatial_dims, channels, channels, 3, padding=1, padding_mode="reflect"),
+            norm(channels), nn.ReLU(inplace=True),
+            _conv(modulated, spatial_dims, channels, channels, 3, padding=1, padding_mode="reflect"),
+            norm(channels),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.body(x)
+
+
+class ResnetGenerator(nn.Module):
+    """pix2pix ResNet generator: 7×7 stem, ``n_downsampling`` strided convs, ``n_blocks`` residual
+    blocks, as many transposed convs, 7×7 head, ``tanh``. Instance norm without affine
+    parameters, so that a bank entry alone decides a modality's style.
+
+    Args:
+        spatial_dims: 2 (slices) or 3 (volumes).
+        in_channels: mask channels (:data:`MASK_CHANNELS`).
+        out_channels: 1 for a bank generator; one per modality for the AsynDGAN baseline.
+        ngf: channels after the stem; doubled at each downsampling.
+        n_blocks: residual blocks at the bottleneck.
+        n_downsampling: stride-2 stages (input size must be divisible by ``2**n_downsampling``).
+        modulated: every conv an mAdaFM layer (a bank generator) or plain convolutions.
+        output_modalities: the modality of each output channel, for a multi-channel generator.
+        base_modality: the modality the plain base makes (the one it was pre-trained on); it is
+            generated without a bank entry unless the bank holds an entry of that name.
+
+    Shapes: ``(N, in_channels, *spatial)`` → ``(N, out_channels, *spatial)`` in [-1, 1].
+
+    Example::
+
+        >>> g = ResnetGenerator(ngf=16, n_blocks=2)
+        >>> g.bank.add("flair"); g.bank.freeze_base(); g.bank.use("flair")
+        >>> g(torch.zeros(2, 5, 64, 64)).shape
+        torch.Size([2, 1, 64, 64])
+    """
+
+    __jit_unused_properties__ = ["bank"]
+
+    def __init__(self, spatial_dims: int = 2, in_channels: int = MASK_CHANNELS, out_channels: int = 1, ngf: int = 32,
+                 n_blocks: int = 4, n_downsampling: int = 2, modulated: bool = True,
+                 output_modalities: Sequence[str] | None = None, base_modality: str | None = None) -> None:
+        super().__init__()
+        if output_modalities is not None and len(output_modalities) != out_channels:
+            raise ValueError(f"output_modalities {list(output_modalities)} must name all {out_channels} output channels")
+        self.config: dict[str, Any] = {
+            "spatial_dims": spatial_dims, "in_channels": in_channels, "out_channels": out_channels, "ngf": ngf,
+            "n_blocks": n_blocks, "n_downsampling": n_downsampling, "modulated": modulated,
+            "output_modalities": list(output_modalities) if output_modalities is not None else None,
+            "base_modality": base_modality,
+        }
+        norm = Norm[Norm.INSTANCE, spatial_dims]
+        layers: list[nn.Module] = [
+            _conv(modulated, spatial_dims, in_channels, ngf, 7, padding=3, padding_mode="reflect"),
+            norm(ngf), nn.ReLU(inplace=True),
+        ]
+        channels = ngf
+        for _ in range(n_downsampling):
+            layers += [_conv(modulated, spatial_dims, channels, channels * 2, 3, stride=2, padding=1),
+                       norm(channels * 2), nn.ReLU(inplace=True)]
+            channels *= 2
+        layers += [_ResidualBlock(modulated, spatial_dims, channels) for _ in range(n_blocks)]
+        for _ in range(n_downsampling):
+            layers += [_conv(modulated, spatial_dims, channels, channels // 2, 3, stride=2, padding=1, transposed=True),
+                       norm(channels // 2), nn.ReLU(inplace=True)]
+            channels //= 2
+        layers += [_conv(modulated, spatial_dims, channels, out_channels, 7, padding=3, padding_mode="reflect"),
+                   nn.Tanh()]
+        self.model = nn.Sequential(*layers)
+        self._bank = ModalityBank(self) if modulated else None
+
+    @property
+    def bank(self) -> ModalityBank:
+        """The modality bank (only for ``modulated=True``)."""
+        if self._bank is None:
+            raise AttributeError("a plain generator (modulated=False) has no modality bank")
+        return self._bank
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)
+
+    def generate(self, mask: torch.Tensor, modalities: Sequence[str]) -> dict[str, torch.Tensor]:
+        """Synthesise ``modalities`` from mask channels: ``{modality: (N, 1, *spatial)}``.
+
+        A bank generator runs once per modality with that modality's entry (the plain base for
+        its ``base_modality``); a multi-channel (AsynDGAN) generator runs once and its channels
+        are split.
+        """
+        names = self.config["output_modalities"]
+        if names is not None:
+            missing = [m for m in modalities if m not in names]
+            if missing:
+                raise KeyError(f"this generator has no output channel for {missing}; it makes {names}")
+            out = self(mask)
+            return {m: out[:, names.index(m)].unsqueeze(1) for m in modalities}
+        fakes = {}
+        for m in modalities:
+            use_base = m == self.config["base_modality"] and m not in self.bank.modalities
+            with self.bank.using(None if use_base else m):
+                fakes[m] = self(mask)
+        return fakes
+
+
+def build_generator(model: dict[str, Any], spatial_dims: int = 2, output_modalities: Sequence[str] | None = None,
+                    base_modality: str | None = None) -> ResnetGenerator:
+    """A generator from a preset's ``model`` section; ``output_modalities`` makes the AsynDGAN baseline."""
+    multi = output_modalities is not None
+    return ResnetGenerator(spatial_dims=spatial_dims, out_channels=len(output_modalities) if multi else 1,
+                           ngf=model["ngf"], n_blocks=model["n_blocks"], n_downsampling=model["n_downsampling"],
+                           modulated=not multi, output_modalities=output_modalities, base_modality=base_modality)
+
+
+class ConditionalDiscriminator(nn.Module):
+    """Conditional PatchGAN: MONAI's ``PatchDiscriminator`` on the mask channels and the image.
+
+    Args:
+        spatial_dims: 2 or 3.
+        mask_channels: channels of the condition (:data:`MASK_CHANNELS`).
+        image_channels: channels of the image judged (1: one modality).
+        channels: width of the first layer (pix2pix's ``ndf``).
+        num_layers: strided layers (pix2pix's ``n_layers_D``).
+
+    Shapes: ``mask (N, mask_channels, *S)``, ``image (N, image_channels, *S)`` →
+    patch logits ``(N, 1, *S')``.
+    """
+
+    def __init__(self, spatial_dims: int = 2, mask_channels: int = MASK_CHANNELS, image_channels: int = 1,
+                 channels: int = 64, num_layers: int = 3) -> None:
+        super().__init__()
+        self.net = PatchDiscriminator(spatial_dims=spatial_dims, channels=channels,
+                                      in_channels=mask_channels + image_channels, out_channels=1,
+                                      num_layers_d=num_layers, norm="INSTANCE")
+
+    def forward(self, mask: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
+        return self.net(torch.cat([mask, image], dim=1))[-1]
+
+
+def build_discriminator(model: dict[str, Any], spatial_dims: int = 2) -> ConditionalDiscriminator:
+    """A site discriminator from a preset's ``model`` section (``ndf``, ``n_layers_d``)."""
+    return ConditionalDiscriminator(spatial_dims=spatial_dims, channels=model["ndf"], num_layers=model["n_layers_d"])
+
+
+def segmentation_network(in_channels: int, out_channels: int = 2, spatial_dims: int = 2,
+                         features: Sequence[int] = (16, 16, 32, 64, 128, 16)) -> nn.Module:
+    """MONAI ``BasicUNet`` for whole-tumour segmentation (background / tumour logits)."""
+    return BasicUNet(spatial_dims=spatial_dims, in_channels=in_channels, out_channels=out_channels, features=features)

@@ -1,0 +1,50 @@
+"""What a finished run shows: held-out image quality, a Fig. 2/3-style grid, loss curves."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from modalitybank import config
+from modalitybank.data.brats import SiteDataset, site_datasets
+from modalitybank.figures import loss_curves, modality_grid
+from modalitybank.store import load_generator, read_info
+from modalitybank.synthesis import evaluate_generator
+
+__all__ = ["report_run"]
+
+
+def report_run(run_dir: str | Path, data_root: str | Path, scale: str, experiment: str,
+               cache_dir: str | Path | None = None, rows_per_site: int = 2) -> dict[str, Any]:
+    """Evaluate the generator of ``run_dir`` on the held-out test cases and draw its pictures.
+
+    Writes ``metrics.json`` (per-modality L1 / PSNR / SSIM on test slices), ``fig_modalities.png``
+    (per site: mask, synthetic modalities, the site's real ones, "NA" where it has none) and
+    ``loss_curves.png``.
+    """
+    run_dir = Path(run_dir)
+    exp = config.experiment(experiment)
+    targets = list(exp["targets"])
+    slices = config.preset(scale)["slices"]
+    generator = load_generator(run_dir)
+    test = SiteDataset(data_root, None, targets, split="test", cache_dir=cache_dir, image_size=slices["image_size"],
+                       min_tumour_fraction=slices["min_tumour_fraction"],
+                       max_slices_per_case=slices["max_slices_per_case"])
+    quality = evaluate_generator(generator, test, targets)
+    rows = []
+    for site, dataset in site_datasets(data_root, experiment, scale, cache_dir=cache_dir).items():
+        for k in range(rows_per_site):
+            i = (k * len(dataset)) // rows_per_site + len(dataset) // (2 * rows_per_site)
+            item = dataset[i]
+            reals = {m: item["image"][c] for c, m in enumerate(dataset.modalities)}
+            rows.append({"label": item["label"], "brain": item["brain"], "reals": reals,
+                         "name": f"{site}\n{dataset.case_ids[int(dataset.slice_case[i])][8:]}"})
+    stage = read_info(run_dir).get("stage", "")
+    figure = modality_grid(generator, rows, targets, run_dir / "fig_modalities.png",
+                           title=f"{stage}: {exp.get('title', experiment)}")
+    curves = loss_curves(run_dir / "metrics.jsonl", run_dir / "loss_curves.png", title=f"{stage} {experiment}")
+    metrics = {"experiment": experiment, "test_cases": len(test.case_ids), "test_slices": len(test),
+               "quality": quality, "figure": str(figure), "loss_curves": str(curves)}
+    (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    return metrics

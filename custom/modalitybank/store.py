@@ -1,0 +1,80 @@
+"""The generator on disk: one folder that training, federation, bundles and synthesis share.
+
+::
+
+    generator.json        architecture and provenance (what the base was pre-trained on, ...)
+    base.pt               the frozen base, saved once
+    entries/<modality>.pt one small file per bank entry
+    weights.pt            instead of base + entries, for a plain (AsynDGAN) generator
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from modalitybank.bank import atomic_save
+from modalitybank.networks import ResnetGenerator
+
+__all__ = ["load_generator", "read_info", "save_generator"]
+
+_ARCH_KEYS = ("spatial_dims", "in_channels", "out_channels", "ngf", "n_blocks", "n_downsampling", "modulated",
+              "output_modalities", "base_modality")
+
+
+def save_generator(generator: ResnetGenerator, folder: str | Path, meta: dict[str, Any] | None = None,
+                   modalities: Sequence[str] | None = None) -> Path:
+    """Write ``generator`` into ``folder``: the base once and each bank entry (default: all) on its own."""
+    folder = Path(folder)
+    (folder / "entries").mkdir(parents=True, exist_ok=True)
+    info: dict[str, Any] = {"architecture": dict(generator.config), **(meta or {})}
+    if generator.config["modulated"]:
+        bank = generator.bank
+        names = list(bank.modalities if modalities is None else modalities)
+        bank.save_base(folder / "base.pt")
+        for name in names:
+            bank.save_entry(name, folder / "entries" / f"{name}.pt")
+        info["modalities"] = sorted({*names, *_saved_entries(folder)})
+    else:
+        atomic_save({"format": "modalitybank.weights/1", "state": generator.state_dict()}, folder / "weights.pt")
+        info["modalities"] = generator.config["output_modalities"]
+    tmp = folder / "generator.json.tmp"
+    tmp.write_text(json.dumps(info, indent=2))
+    os.replace(tmp, folder / "generator.json")
+    return folder
+
+
+def _saved_entries(folder: Path) -> list[str]:
+    return sorted(p.stem for p in (folder / "entries").glob("*.pt"))
+
+
+def read_info(folder: str | Path) -> dict[str, Any]:
+    path = Path(folder) / "generator.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{folder}: no generator here (generator.json missing)")
+    return json.loads(path.read_text())
+
+
+def load_generator(folder: str | Path, modalities: Sequence[str] | None = None) -> ResnetGenerator:
+    """Build the generator saved in ``folder`` with its base and bank entries (default: all saved)."""
+    folder = Path(folder)
+    info = read_info(folder)
+    generator = ResnetGenerator(**{k: info["architecture"].get(k) for k in _ARCH_KEYS})
+    if not generator.config["modulated"]:
+        blob = torch.load(folder / "weights.pt", map_location="cpu", weights_only=True)
+        generator.load_state_dict(blob["state"])
+        return generator
+    generator.bank.load_base(folder / "base.pt")
+    names = _saved_entries(folder) if modalities is None else list(modalities)
+    for name in names:
+        path = folder / "entries" / f"{name}.pt"
+        if not path.is_file():
+            raise FileNotFoundError(f"{folder}: no bank entry for {name!r} (have {_saved_entries(folder)})")
+        generator.bank.load_entry(path, name)
+    generator.bank.freeze_base()
+    return generator

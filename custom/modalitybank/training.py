@@ -1,0 +1,229 @@
+"""Single-process reference training (AsynDGAN's setting: every site's discriminator in one process).
+
+* :func:`pretrain` — the whole generator, centrally, on the public source set (one modality).
+* :func:`train_bank` — the base frozen, one bank entry per target modality learned against one
+  discriminator per (site, modality it holds). With ``baseline="asyndgan"`` a plain generator
+  with one output channel per modality is trained instead (no bank), for comparison.
+
+Both run :func:`run_gan`, which checkpoints into a run directory and resumes from it. This is
+the correctness reference and the speed anchor for the federated version.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from modalitybank import config
+from modalitybank.bank import atomic_save
+from modalitybank.gan import GanLoss, SiteBatch, SiteModel, gan_step
+from modalitybank.networks import build_discriminator, build_generator, mask_channels
+from modalitybank.store import load_generator, read_info, save_generator
+
+__all__ = ["BatchStream", "TrainSettings", "make_site_models", "pretrain", "run_gan", "train_bank"]
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    """Optimisation settings, from a preset's ``train`` section unless overridden."""
+
+    iterations: int
+    batch_size: int
+    lr: float
+    beta1: float
+    lambda_l1: float
+    checkpoint_every: int
+    seed: int = 0
+
+    @classmethod
+    def from_preset(cls, scale: str, phase: str, **overrides: Any) -> TrainSettings:
+        """``phase``: ``"pretrain"`` or ``"bank"`` (which iteration count to take)."""
+        t = config.preset(scale)["train"]
+        settings = cls(iterations=t[f"{phase}_iterations"], batch_size=t["batch_size"], lr=t["lr"], beta1=t["beta1"],
+                       lambda_l1=t["lambda_l1"], checkpoint_every=t["checkpoint_every"])
+        return replace(settings, **{k: v for k, v in overrides.items() if v is not None})
+
+    def adam(self, params: Sequence[torch.nn.Parameter]) -> torch.optim.Adam:
+        return torch.optim.Adam(params, lr=self.lr, betas=(self.beta1, 0.999))
+
+
+def make_site_models(site_modalities: Mapping[str, Sequence[str]], model: Mapping[str, Any],
+                     settings: TrainSettings, spatial_dims: int = 2) -> dict[str, SiteModel]:
+    """One conditional discriminator (and Adam) per modality each site holds."""
+    sites = {}
+    for name, modalities in site_modalities.items():
+        discriminators = {m: build_discriminator(dict(model), spatial_dims) for m in modalities}
+        sites[name] = SiteModel(discriminators, {m: settings.adam(list(d.parameters())) for m, d in discriminators.items()})
+    return sites
+
+
+class BatchStream:
+    """Endless shuffled batches of one site's slices, as :class:`SiteBatch` (mask channels + reals).
+
+    ``dataset`` items are dicts with ``image (C, H, W)``, ``label (H, W)``, ``brain (H, W)``; its
+    ``modalities`` name the image channels.
+    """
+
+    def __init__(self, dataset: Dataset, batch_size: int, seed: int) -> None:
+        self.modalities: list[str] = list(dataset.modalities)  # type: ignore[attr-defined]
+        size = len(dataset)  # type: ignore[arg-type]
+        if size == 0:
+            raise ValueError("a site has no training slices")
+        generator = torch.Generator().manual_seed(seed)
+        self._loader = DataLoader(dataset, batch_size=min(batch_size, size), shuffle=True, drop_last=True,
+                                  generator=generator)
+        self._it: Iterator[dict[str, torch.Tensor]] = iter(())
+
+    def __iter__(self) -> BatchStream:
+        return self
+
+    def __next__(self) -> SiteBatch:
+        try:
+            item = next(self._it)
+        except StopIteration:
+            self._it = iter(self._loader)
+            item = next(self._it)
+        reals = {m: item["image"][:, i : i + 1] for i, m in enumerate(self.modalities)}
+        return SiteBatch(mask=mask_channels(item["label"], item["brain"]), reals=reals)
+
+
+def _state_of(sites: Mapping[str, SiteModel]) -> dict[str, Any]:
+    return {s: {m: {"d": site.discriminators[m].state_dict(), "opt": site.optimizers[m].state_dict()}
+                for m in site.modalities} for s, site in sites.items()}
+
+
+def run_gan(run_dir: Path, generator: torch.nn.Module, g_optimizer: torch.optim.Optimizer,
+            sites: Mapping[str, SiteModel], streams: Mapping[str, Iterator[SiteBatch]], settings: TrainSettings,
+            save_generator_fn: Callable[[], None], desc: str, progress: bool = True) -> dict[str, Any]:
+    """Run :func:`gan_step` for ``settings.iterations`` iterations, checkpointing into ``run_dir``.
+
+    ``run_dir/state.pt`` holds the iteration, optimisers and discriminators; the generator is
+    saved by ``save_generator_fn`` before it. A run that finds ``state.pt`` resumes from it
+    (the caller has loaded the generator from ``run_dir``). Per-iteration losses go to
+    ``metrics.jsonl`` and TensorBoard (``run_dir/tb``).
+    """
+    from torch.utils.tensorboard import SummaryWriter
+
+    state_path = run_dir / "state.pt"
+    start = 0
+    if state_path.is_file():
+        state = torch.load(state_path, map_location="cpu", weights_only=False)
+        start = state["iteration"]
+        g_optimizer.load_state_dict(state["g_opt"])
+        for s, site in sites.items():
+            for m in site.modalities:
+                site.discriminators[m].load_state_dict(state["sites"][s][m]["d"])
+                site.optimizers[m].load_state_dict(state["sites"][s][m]["opt"])
+    loss = GanLoss(lambda_l1=settings.lambda_l1)
+    writer = SummaryWriter(str(run_dir / "tb"))
+    t0 = time.perf_counter()
+
+    def checkpoint(iteration: int) -> None:
+        save_generator_fn()
+        atomic_save({"iteration": iteration, "g_opt": g_optimizer.state_dict(), "sites": _state_of(sites),
+                     "settings": asdict(settings)}, state_path)
+
+    bar = tqdm(range(start, settings.iterations), desc=desc, initial=start, total=settings.iterations,
+               disable=not progress, unit="it", dynamic_ncols=True)
+    with open(run_dir / "metrics.jsonl", "a") as log:
+        for iteration in bar:
+            batches = {s: next(streams[s]) for s in sites}
+            report = gan_step(generator, g_optimizer, sites, batches, loss)
+            mean = {k: sum(r[k] for r in report.values()) / len(report) for k in ("d", "g_adv", "g_l1")}
+            log.write(json.dumps({"iteration": iteration + 1, "losses": report, "mean": mean}) + "\n")
+            for k, v in mean.items():
+                writer.add_scalar(f"loss/{k}", v, iteration + 1)
+            bar.set_postfix(d=f"{mean['d']:.3f}", g_l1=f"{mean['g_l1']:.3f}")
+            if (iteration + 1) % settings.checkpoint_every == 0 and iteration + 1 < settings.iterations:
+                log.flush()
+                checkpoint(iteration + 1)
+    checkpoint(settings.iterations)
+    writer.close()
+    return {"iterations": settings.iterations, "resumed_from": start, "seconds": round(time.perf_counter() - t0, 2)}
+
+
+def _datasets():  # imported lazily: the loader pulls in nibabel and scans folders
+    from modalitybank.data import brats
+
+    return brats
+
+
+def pretrain(run_dir: str | Path, data_root: str | Path, scale: str = "tiny", cache_dir: str | Path | None = None,
+             progress: bool = True, **overrides: Any) -> dict[str, Any]:
+    """Pre-train the whole generator on the source set (``configs/experiments.json`` → ``pretrain``)."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    settings = TrainSettings.from_preset(scale, "pretrain", **overrides)
+    source = config.experiment("pretrain")
+    model = config.preset(scale)["model"]
+    dataset = _datasets().source_dataset(data_root, scale, cache_dir=cache_dir)
+    torch.manual_seed(settings.seed)
+    resuming = (run_dir / "state.pt").is_file()
+    generator = load_generator(run_dir) if resuming else build_generator(model, base_modality=source["modality"])
+    for p in generator.parameters():
+        p.requires_grad_(True)
+    sites = make_site_models({"source": [source["modality"]]}, model, settings)
+    streams = {"source": BatchStream(dataset, settings.batch_size, settings.seed)}
+    meta = {"stage": "pretrained", "pretrained_on": source, "scale": scale, "data_root": str(data_root),
+            "image_size": config.preset(scale)["slices"]["image_size"]}
+    summary = run_gan(run_dir, generator, settings.adam(list(generator.parameters())), sites, streams, settings,
+                      lambda: save_generator(generator, run_dir, meta), desc="pre-train", progress=progress)
+    return {**summary, "run_dir": str(run_dir), "slices": len(dataset)}
+
+
+def train_bank(run_dir: str | Path, data_root: str | Path, pretrained: str | Path | None, scale: str = "tiny",
+               experiment: str = "multimodal", baseline: str | None = None, cache_dir: str | Path | None = None,
+               progress: bool = True, **overrides: Any) -> dict[str, Any]:
+    """Learn one bank entry per target modality of ``experiment`` against per-site discriminators.
+
+    Args:
+        run_dir: where the generator, checkpoints and logs go (resumes if it holds a run).
+        data_root: BraTS-layout folder (the phantom or real BraTS 2018).
+        pretrained: folder of the pre-trained generator (``pretrain``'s run dir); unused for the
+            AsynDGAN baseline, which trains a plain multi-channel generator from scratch.
+        scale: size preset.
+        experiment: ``multimodal`` (Table I) or ``missing_modality`` (Table II).
+        baseline: ``None`` (ModalityBank) or ``"asyndgan"``.
+    """
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    settings = TrainSettings.from_preset(scale, "bank", **overrides)
+    exp = config.experiment(experiment)
+    model = config.preset(scale)["model"]
+    datasets = _datasets().site_datasets(data_root, experiment, scale, cache_dir=cache_dir)
+    torch.manual_seed(settings.seed)
+    resuming = (run_dir / "state.pt").is_file()
+    targets = list(exp["targets"])
+    if baseline == "asyndgan":
+        generator = load_generator(run_dir) if resuming else build_generator(model, output_modalities=targets)
+        learned = list(generator.parameters())
+        meta: dict[str, Any] = {"stage": "asyndgan"}
+    elif baseline is None:
+        if pretrained is None:
+            raise ValueError("ModalityBank needs a pre-trained generator (run `modalitybank pretrain` first)")
+        generator = load_generator(run_dir if resuming else pretrained)
+        for name in targets:
+            if name not in generator.bank.modalities:
+                generator.bank.add(name)
+        generator.bank.freeze_base()
+        learned = [p for name in targets for p in generator.bank.entry_parameters(name)]
+        meta = {"stage": "bank", "pretrained_from": str(pretrained),
+                "pretrained_on": read_info(run_dir if resuming else pretrained).get("pretrained_on")}
+    else:
+        raise ValueError(f"unknown baseline {baseline!r} (choose 'asyndgan')")
+    meta |= {"experiment": experiment, "sites": exp["sites"], "scale": scale, "data_root": str(data_root),
+             "image_size": config.preset(scale)["slices"]["image_size"]}
+    sites = make_site_models(exp["sites"], model, settings)
+    streams = {s: BatchStream(datasets[s], settings.batch_size, settings.seed + i) for i, s in enumerate(exp["sites"])}
+    summary = run_gan(run_dir, generator, settings.adam(learned), sites, streams, settings,
+                      lambda: save_generator(generator, run_dir, meta), desc=f"{baseline or 'bank'} {experiment}",
+                      progress=progress)
+    return {**summary, "run_dir": str(run_dir), "slices": {s: len(d) for s, d in datasets.items()}}
