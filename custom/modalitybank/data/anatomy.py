@@ -91,9 +91,7 @@ def _bspline_basis(n: int, cell: float) -> np.ndarray:
     return (b / np.sqrt((b**2).sum(1, keepdims=True))).astype(np.float32)
 
 
-def smooth_field(
-    shape: tuple[int, ...], rng: np.random.Generator, cell_vox: float, n: int = 1
-) -> np.ndarray:
+def smooth_field(shape: tuple[int, ...], rng: np.random.Generator, cell_vox: float, n: int = 1) -> np.ndarray:
     """``n`` smooth random fields of unit variance, (n, *shape) float32: i.i.d. Gaussian values on a
     lattice ``cell_vox`` voxels apart, interpolated by a separable cubic B-spline (cheap at any
     resolution: a few matrix products, no per-voxel spline evaluation)."""
@@ -132,7 +130,9 @@ class Deformation:
         """Template coordinates of arbitrary output positions ``points`` (3, ...)."""
         c = self.centre.reshape(3, *([1] * (points.ndim - 1)))
         q = np.einsum("ij,j...->i...", self.matrix, points - c) + c
-        d = np.stack([ndi.map_coordinates(self.displacement[k], points, order=1, mode="nearest") for k in range(3)])
+        d = np.stack(
+            [ndi.map_coordinates(self.displacement[k], points, order=1, mode="nearest") for k in range(3)]
+        )
         return (q + d).astype(np.float32)
 
 
@@ -180,7 +180,9 @@ def mass_effect(
 
 def resample(template_maps: np.ndarray, coords: np.ndarray) -> np.ndarray:
     """Sample stacked template maps at template coordinates ``coords`` (linear, 0 outside)."""
-    return np.stack([ndi.map_coordinates(m, coords, order=1, mode="constant", cval=0.0) for m in template_maps])
+    return np.stack(
+        [ndi.map_coordinates(m, coords, order=1, mode="constant", cval=0.0) for m in template_maps]
+    )
 
 
 def tissue_probabilities(csf: np.ndarray, gm: np.ndarray, wm: np.ndarray, brain: np.ndarray) -> np.ndarray:

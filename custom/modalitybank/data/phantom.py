@@ -36,7 +36,7 @@ from .anatomy import (
     tissue_labels,
     tissue_probabilities,
 )
-from .scanner import centre_style, jitter, relative_image, scan
+from .scanner import centre_style, jitter, make_bias_field, relative_image, scan
 from .tumour import RADIUS_MM, make_tumour, pick_centre
 
 NAME = "ModalityBank BraTS-like phantom"
@@ -101,10 +101,11 @@ def phantom_case(
 
     tumour = make_tumour(kind, centre_vox, probs, brain, s, rng, radius_mm=radius)
     style = jitter(centre_style(centre), rng)
+    bias = make_bias_field(brain.shape, style, s, rng)  # one coil, one session: shared
     images = {}
     for m in modalities:
         rel = relative_image(m, probs, t1, tmpl.t1_tissue_means, tumour.soft, tumour.texture, kind)
-        images[m] = scan(rel, brain, style, s, rng)
+        images[m] = scan(rel, brain, style, s, rng, bias)
     centre_mm = (tmpl.affine[:3, :3] @ centre_vox + tmpl.affine[:3, 3]).tolist()
     return PhantomCase(
         images, tumour.seg, tissue, brain, tmpl.affine.copy(), style.as_dict(), centre_mm, radius
@@ -121,9 +122,7 @@ def case_ids(seed: int, centre: str, n: int) -> list[str]:
     if centre == "CBICA":
         letters = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
         codes = rng.permutation(26**3)[:n]
-        return [
-            "Brats18_CBICA_" + "".join(letters[c // 26**i % 26] for i in (2, 1, 0)) + "_1" for c in codes
-        ]
+        return ["Brats18_CBICA_" + "".join(letters[c // 26**i % 26] for i in (2, 1, 0)) + "_1" for c in codes]
     if centre == "TCIA":
         codes = rng.permutation(len(_TCIA_HGG) * 1000)[:n]
         return [f"Brats18_TCIA0{_TCIA_HGG[c // 1000]}_{c % 1000:03d}_1" for c in codes]
@@ -152,12 +151,29 @@ def _plan(seed: int, counts: dict[str, int]) -> list[dict[str, Any]]:
     plan = []
     for c in CENTRES:
         for i in range(counts[c]):
-            plan.append(dict(id=ids[c][i], folder="HGG", centre=c, kind="HGG", seed=[seed, GROUPS[c], i], split="train"))
+            plan.append(
+                dict(
+                    id=ids[c][i], folder="HGG", centre=c, kind="HGG", seed=[seed, GROUPS[c], i], split="train"
+                )
+            )
     for i in range(counts["test"]):
         c = CENTRES[i % len(CENTRES)]
-        plan.append(dict(id=ids[c][counts[c] + i // len(CENTRES)], folder="HGG", centre=c, kind="HGG", seed=[seed, GROUPS["test"], i], split="test"))
+        plan.append(
+            dict(
+                id=ids[c][counts[c] + i // len(CENTRES)],
+                folder="HGG",
+                centre=c,
+                kind="HGG",
+                seed=[seed, GROUPS["test"], i],
+                split="test",
+            )
+        )
     for i, cid in enumerate(case_ids(seed, "LGG", counts["LGG"])):
-        plan.append(dict(id=cid, folder="LGG", centre=LGG_STYLE, kind="LGG", seed=[seed, GROUPS["LGG"], i], split="lgg"))
+        plan.append(
+            dict(
+                id=cid, folder="LGG", centre=LGG_STYLE, kind="LGG", seed=[seed, GROUPS["LGG"], i], split="lgg"
+            )
+        )
     return plan
 
 
@@ -199,7 +215,9 @@ def _write_case(root: Path, case: dict[str, Any], spacing: float) -> None:
     os.replace(tmp, final)
 
 
-def _summary(scale: str, seed: int, spacing: float, counts: dict[str, int], plan: list[dict[str, Any]]) -> dict[str, Any]:
+def _summary(
+    scale: str, seed: int, spacing: float, counts: dict[str, int], plan: list[dict[str, Any]]
+) -> dict[str, Any]:
     tmpl = template(spacing)
     hgg = [p for p in plan if p["folder"] == "HGG"]
     return {
@@ -261,6 +279,8 @@ def make_phantom(
             raise FileExistsError(f"{meta_path} exists and is not a {NAME}; choose another root")
         keys = ("scale", "seed", "spacing_mm", "counts")
         resume = all(old.get(k) == summary[k] for k in keys)
+    elif any(any((root / f).iterdir()) for f in ("HGG", "LGG") if (root / f).is_dir()):
+        raise FileExistsError(f"{root} holds HGG/LGG data but no phantom dataset.json; choose another root")
     keep = {(p["folder"], p["id"]) for p in plan}
     for folder in ("HGG", "LGG"):  # leftovers of an interrupted or different run
         for d in sorted((root / folder).glob("*")) if (root / folder).exists() else []:
@@ -274,7 +294,10 @@ def make_phantom(
             continue
         _write_case(root, case, spacing)
 
-    _write_json(root / "splits.json", {"train": [p["id"] for p in plan if p["split"] == "train"], "test": summary["test"]})
+    _write_json(
+        root / "splits.json",
+        {"train": [p["id"] for p in plan if p["split"] == "train"], "test": summary["test"]},
+    )
     summary["complete"] = True
     _write_json(meta_path, summary)
     return summary

@@ -54,9 +54,7 @@ def pick_centre(
     raise RuntimeError("no white matter to place a tumour in")
 
 
-def _local_box(
-    centre: np.ndarray, half: int, shape: tuple[int, ...]
-) -> tuple[tuple[slice, ...], np.ndarray]:
+def _local_box(centre: np.ndarray, half: int, shape: tuple[int, ...]) -> tuple[tuple[slice, ...], np.ndarray]:
     lo = np.maximum(np.round(centre).astype(int) - half, 0)
     hi = np.minimum(np.round(centre).astype(int) + half + 1, shape)
     return tuple(slice(a, b) for a, b in zip(lo, hi, strict=True)), lo
@@ -115,8 +113,8 @@ def make_tumour(
     phi_ed -= rng.uniform(0.35, 0.6) * (wm - 0.5)
     edema = (phi_ed < 1.0) & in_brain & (csf < 0.6)
 
-    core_frac = rng.uniform(0.45, 0.7) if kind == "HGG" else rng.uniform(0.5, 0.8)
-    inner_frac = rng.uniform(0.5, 0.8)
+    core_frac = rng.uniform(0.5, 0.75) if kind == "HGG" else rng.uniform(0.5, 0.8)
+    rim_mm = rng.uniform(2.5, 6.0)
     for attempt in range(6):
         r_core = r_wt * core_frac * (1.0 + 0.15 * attempt)
         noise_c = smooth_field(bshape, rng, max(0.35 * r_core, 4.0) / s)[0]
@@ -124,16 +122,17 @@ def make_tumour(
         core = _component_at((phi_c < 1.0) & in_brain, c_loc)
         labels = np.zeros(bshape, dtype=np.uint8)
         if kind == "HGG":
-            # necrosis: inner level set with its own noise -> a rim of irregular thickness,
-            # at least one voxel everywhere
+            # necrosis: the core minus an enhancing rim whose thickness varies smoothly along
+            # the lesion (rim_mm x (1 +- 50 %)), never thinner than one voxel
             noise_n = smooth_field(bshape, rng, max(0.3 * r_core, 3.0) / s)[0]
-            phi_n = _radial(p, rng, 0.2) * s / (r_core * inner_frac) + 0.3 * noise_n
-            necrosis = (phi_n < 1.0) & ndi.binary_erosion(core)
+            rim = rim_mm * np.clip(1.0 + 0.5 * noise_n, 0.4, 2.0)
+            necrosis = ndi.distance_transform_edt(core) * s > np.maximum(rim, s)
             labels[core] = 4
             labels[necrosis] = 1
         else:
             labels[core] = 1
         whole = _component_at(edema | core, c_loc)
+        labels[~whole] = 0
         labels[whole & (labels == 0)] = 2
         wanted = (1, 2, 4) if kind == "HGG" else (1, 2)
         if all((labels == k).sum() >= 3 for k in wanted):
@@ -146,7 +145,7 @@ def make_tumour(
     for k in (1, 2, 4):
         if (labels == k).any():
             w = np.zeros(brain.shape, dtype=np.float32)
-            w[box] = ndi.gaussian_filter((labels == k).astype(np.float32), 0.6)
+            w[box] = ndi.gaussian_filter((labels == k).astype(np.float32), 0.35)
             soft[k] = w
     total = sum(soft.values()) if soft else None
     if total is not None:

@@ -1,0 +1,22 @@
+# The two commands of the README. Each installs what it needs first, so both work on a fresh clone.
+PYTHON ?= python3
+PIP_INSTALL = $(PYTHON) -m pip install --quiet --disable-pip-version-check
+
+.PHONY: install demo test lint bench
+
+install:
+	$(PIP_INSTALL) torch==2.13.0
+	$(PIP_INSTALL) -e ".[test]"
+
+# The main job on the embedded default data: phantom -> pre-train -> bank -> synthesize -> figures.
+demo: install
+	modalitybank demo --workdir runs/demo --scale tiny
+
+# The test suite (CI runs exactly this through .ci/run).
+test: install
+	ruff check custom tests
+	$(PYTHON) -m pytest -q
+
+bench: install
+	modalitybank params --json
+	modalitybank bench layers --json
