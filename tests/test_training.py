@@ -63,10 +63,13 @@ def test_bank_entries_learn_with_base_frozen(bank_run, pretrained) -> None:
 def test_interrupted_run_resumes(bank_run, pretrained, phantom_root, cache_dir) -> None:
     run, _ = bank_run
     before = load_generator(run).bank.entry_state("flair")
+    with open(run / "metrics.jsonl", "a") as log:  # a crash after iteration 5, past the last checkpoint (4)
+        log.write(json.dumps({"iteration": 5, "losses": {}, "mean": {}}) + "\n")
     result = train_bank(run, phantom_root, pretrained, scale="tiny", experiment="missing_modality",
                         cache_dir=cache_dir, progress=False, iterations=6, checkpoint_every=2)
     assert result["resumed_from"] == 4
-    assert len((run / "metrics.jsonl").read_text().splitlines()) == 6
+    logged = [json.loads(line)["iteration"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert logged == [1, 2, 3, 4, 5, 6]
     after = load_generator(run).bank.entry_state("flair")
     assert any(not torch.equal(before[k], after[k]) for k in before)
 

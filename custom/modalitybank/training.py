@@ -100,6 +100,13 @@ def _state_of(sites: Mapping[str, SiteModel]) -> dict[str, Any]:
                 for m in site.modalities} for s, site in sites.items()}
 
 
+def _truncate_log(path: Path, last_iteration: int) -> None:
+    if path.is_file():
+        kept = [line for line in path.read_text().splitlines()
+                if line.strip() and json.loads(line)["iteration"] <= last_iteration]
+        path.write_text("".join(line + "\n" for line in kept))
+
+
 def run_gan(run_dir: Path, generator: torch.nn.Module, g_optimizer: torch.optim.Optimizer,
             sites: Mapping[str, SiteModel], streams: Mapping[str, Iterator[SiteBatch]], settings: TrainSettings,
             save_generator_fn: Callable[[], None], desc: str, progress: bool = True) -> dict[str, Any]:
@@ -122,6 +129,7 @@ def run_gan(run_dir: Path, generator: torch.nn.Module, g_optimizer: torch.optim.
             for m in site.modalities:
                 site.discriminators[m].load_state_dict(state["sites"][s][m]["d"])
                 site.optimizers[m].load_state_dict(state["sites"][s][m]["opt"])
+    _truncate_log(run_dir / "metrics.jsonl", start)  # iterations after the last checkpoint are redone
     loss = GanLoss(lambda_l1=settings.lambda_l1)
     writer = SummaryWriter(str(run_dir / "tb"))
     t0 = time.perf_counter()
