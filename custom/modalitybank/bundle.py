@@ -167,7 +167,8 @@ def publish_generator(run_dir: str | Path, models_dir: str | Path) -> dict[str, 
     """Copy the generator of a training run (store layout) into a bundle's ``models/``.
 
     Copies ``generator.json``, ``base.pt`` and ``entries/<m>.pt`` (or ``weights.pt``); entries in
-    ``models_dir`` that the run does not have are removed, so ``models/`` mirrors the run.
+    ``models_dir`` that the run does not have are removed, so ``models/`` mirrors the run, and so are
+    folded exports of the previous generator (``model_<m>.pt``, ``model_<m>.ts``).
     Absolute paths in ``generator.json`` (the data root, the pre-trained run) are reduced to their
     last component: a published bundle names no folder of the machine it was trained on.
     """
@@ -186,6 +187,8 @@ def publish_generator(run_dir: str | Path, models_dir: str | Path) -> dict[str, 
             stale.unlink()
     for entry in entries:
         shutil.copyfile(entry, models_dir / "entries" / entry.name)
+    for derived in [*models_dir.glob("model_*.pt"), *models_dir.glob("model_*.ts")]:
+        derived.unlink()  # folded exports of the previous generator
     (models_dir / "generator.json").write_text(json.dumps(info, indent=2))
     return {"models_dir": str(models_dir), "modalities": [e.stem for e in entries], "stage": info.get("stage")}
 
@@ -436,13 +439,20 @@ def inference_cases(dataset_dir: str | Path, modalities: Sequence[str], split: s
     return [{"image": str(p)} for p in files]
 
 
-def write_metrics_json(output_dir: str | Path) -> str:
-    """Collect the CSV files of MONAI's ``MetricsSaver`` in ``output_dir`` into ``metrics.json``.
+def write_metrics_json(output_dir: str | Path, evaluator: Any = None) -> str:
+    """Per-case and summary metrics of an evaluation run as ``metrics.json`` (and CSV).
 
-    ``{"summary": {metric: value}, "per_case": {metric: {case file: value}},
-    "statistics": {metric: {mean, median, ...}}}``.
+    Reads the CSV files MONAI's ``MetricsSaver`` wrote into ``output_dir`` (``metrics.csv``,
+    ``<metric>_raw.csv``, ``<metric>_summary.csv``). With ``evaluator`` (the engine that ran), the
+    per-case details of its ``ConfusionMatrix`` metrics — confusion matrices, which ``MetricsSaver``
+    cannot write — become per-case values in ``<metric>_raw.csv`` first; the metric is the one its
+    name contains (``sensitivity``, ``specificity`` or ``precision``, e.g. ``val_sensitivity``).
+
+    ``{"summary": {metric: value}, "per_case": {metric: {case: value}}, "statistics": {metric: {mean, median, ...}}}``.
     """
     output_dir = Path(output_dir)
+    if evaluator is not None:
+        _write_confusion_details(output_dir, evaluator)
     result: dict[str, Any] = {"summary": {}, "per_case": {}, "statistics": {}}
     metrics_csv = output_dir / "metrics.csv"
     if metrics_csv.is_file():
@@ -462,6 +472,41 @@ def write_metrics_json(output_dir: str | Path) -> str:
     path = output_dir / "metrics.json"
     path.write_text(json.dumps(result, indent=2))
     return str(path)
+
+
+_CONFUSION = {  # metric name -> f(tp, fp, tn, fn)
+    "sensitivity": lambda tp, fp, tn, fn: tp / (tp + fn),
+    "specificity": lambda tp, fp, tn, fn: tn / (tn + fp),
+    "precision": lambda tp, fp, tn, fn: tp / (tp + fp),
+}
+
+
+def _write_confusion_details(output_dir: Path, evaluator: Any) -> None:
+    import numpy as np
+
+    details = getattr(evaluator.state, "metric_details", {}) or {}
+    data = getattr(getattr(evaluator.data_loader, "dataset", None), "data", None) or []
+    names = []
+    for item in data:
+        image = item.get("image") if isinstance(item, Mapping) else None
+        names.append(str(image[0] if isinstance(image, list | tuple) else image))
+    for key, value in details.items():
+        value = value.cpu().numpy() if isinstance(value, torch.Tensor) else np.asarray(value)
+        if value.ndim != 3 or value.shape[-1] != 4:
+            continue
+        metric = next((m for m in _CONFUSION if m in key), None)
+        if metric is None:
+            continue
+        tp, fp, tn, fn = (value[..., i].astype(np.float64) for i in range(4))
+        with np.errstate(divide="ignore", invalid="ignore"):
+            per_class = _CONFUSION[metric](tp, fp, tn, fn)  # (cases, classes)
+        labels = [f"class{i}" for i in range(per_class.shape[1])] + ["mean"]
+        lines = ["filename," + ",".join(labels)]
+        for i, row in enumerate(per_class):
+            name = names[i] if i < len(names) else str(i)
+            values = [*row.tolist(), float(np.nanmean(row)) if np.isfinite(row).any() else float("nan")]
+            lines.append(name + "," + ",".join(f"{v:.4f}" for v in values))
+        (output_dir / f"{key}_raw.csv").write_text("\n".join(lines) + "\n")
 
 
 def _case_of(filename: str) -> str:

@@ -48,4 +48,12 @@ def experiment(name: str) -> dict[str, Any]:
 
 
 def experiments() -> list[str]:
-    return sorted(k for k in _load("experiments.json") if k != "pretrain")
+    return sorted(k for k in _load("experiments.json") if k not in ("pretrain", "site_centres"))
+
+
+def centre_of_site(site: str) -> str:
+    """The data centre an NVFlare client (``site-1``, ``hospital-a``, ...) holds, from ``experiments.json``."""
+    mapping = _load("experiments.json")["site_centres"]
+    if site not in mapping:
+        raise ValueError(f"site {site!r} is not mapped to a data centre in configs/experiments.json (site_centres)")
+    return mapping[site]

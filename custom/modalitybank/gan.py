@@ -52,10 +52,13 @@ class SiteModel:
 
 @dataclass
 class SiteBatch:
-    """One batch of a site: mask channels ``(N, 5, *S)`` and real images ``{modality: (N, 1, *S)}``."""
+    """One batch of a site: mask channels ``(N, 5, *S)`` and real images ``{modality: (N, 1, *S)}``;
+    optionally the label map and brain mask ``(N, *S)`` the mask channels were made from."""
 
     mask: torch.Tensor
     reals: dict[str, torch.Tensor] = field(default_factory=dict)
+    label: torch.Tensor | None = None
+    brain: torch.Tensor | None = None
 
 
 def site_step(discriminator: nn.Module, optimizer: torch.optim.Optimizer, mask: torch.Tensor, real: torch.Tensor,

@@ -28,7 +28,7 @@ from modalitybank.gan import GanLoss, SiteBatch, SiteModel, gan_step
 from modalitybank.networks import build_discriminator, build_generator, mask_channels
 from modalitybank.store import load_generator, read_info, save_generator
 
-__all__ = ["BatchStream", "TrainSettings", "make_site_models", "pretrain", "run_gan", "train_bank"]
+__all__ = ["BatchStream", "TrainSettings", "make_site_models", "pretrain", "run_gan", "train_bank", "truncate_log"]
 
 
 @dataclass(frozen=True)
@@ -92,7 +92,8 @@ class BatchStream:
             self._it = iter(self._loader)
             item = next(self._it)
         reals = {m: item["image"][:, i : i + 1] for i, m in enumerate(self.modalities)}
-        return SiteBatch(mask=mask_channels(item["label"], item["brain"]), reals=reals)
+        return SiteBatch(mask=mask_channels(item["label"], item["brain"]), reals=reals, label=item["label"],
+                         brain=item["brain"])
 
 
 def _state_of(sites: Mapping[str, SiteModel]) -> dict[str, Any]:
@@ -100,7 +101,8 @@ def _state_of(sites: Mapping[str, SiteModel]) -> dict[str, Any]:
                 for m in site.modalities} for s, site in sites.items()}
 
 
-def _truncate_log(path: Path, last_iteration: int) -> None:
+def truncate_log(path: Path, last_iteration: int) -> None:
+    """Drop the log lines of iterations after ``last_iteration`` (redone after a resume)."""
     if path.is_file():
         kept = [line for line in path.read_text().splitlines()
                 if line.strip() and json.loads(line)["iteration"] <= last_iteration]
@@ -129,7 +131,7 @@ def run_gan(run_dir: Path, generator: torch.nn.Module, g_optimizer: torch.optim.
             for m in site.modalities:
                 site.discriminators[m].load_state_dict(state["sites"][s][m]["d"])
                 site.optimizers[m].load_state_dict(state["sites"][s][m]["opt"])
-    _truncate_log(run_dir / "metrics.jsonl", start)  # iterations after the last checkpoint are redone
+    truncate_log(run_dir / "metrics.jsonl", start)  # iterations after the last checkpoint are redone
     loss = GanLoss(lambda_l1=settings.lambda_l1)
     writer = SummaryWriter(str(run_dir / "tb"))
     t0 = time.perf_counter()

@@ -1,0 +1,280 @@
+"""The server controller: holds the generator and its bank, learns the bank from the sites.
+
+Per iteration, for every active site at once: make the fakes of the masks the site sent last
+(one per modality it holds) and send them as that site's own task; wait; check each returned
+gradient (shape, finite, norm) and backpropagate the accepted ones into the bank entries
+(:func:`modalitybank.gan.generator_step`, one optimiser step). A site that does not answer within
+``site_timeout`` is set aside and probed until it answers again; a site whose result is blocked or
+rejected is named in the log. Checkpoints every ``checkpoint_every`` iterations; a restarted
+server resumes from the last one.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from nvflare.apis.client import Client
+from nvflare.apis.controller_spec import ClientTask, Task
+from nvflare.apis.dxo import DXO, DataKind, from_shareable
+from nvflare.apis.fl_constant import ReturnCode
+from nvflare.apis.fl_context import FLContext
+from nvflare.apis.impl.controller import Controller
+from nvflare.apis.shareable import Shareable
+from nvflare.apis.signal import Signal
+
+from modalitybank import config
+from modalitybank.bank import atomic_save
+from modalitybank.fl import wire
+from modalitybank.fl.executor import ERROR_HEADER
+from modalitybank.fl.ledger import Ledger
+from modalitybank.fl.privacy import BLOCKED_HEADER, LEDGER_FILE
+from modalitybank.gan import generator_step
+from modalitybank.networks import build_generator, mask_channels
+from modalitybank.store import load_generator, save_generator
+from modalitybank.training import TrainSettings, truncate_log
+
+__all__ = ["ModalityBankController", "check_gradient"]
+
+STATE_FILE = "server_state.pt"
+
+
+def check_gradient(grad: torch.Tensor, fake: torch.Tensor, max_norm: float) -> str | None:
+    """Why a site's gradient must be rejected, or ``None`` if it is acceptable."""
+    if grad.shape != fake.shape:
+        return f"gradient shape {tuple(grad.shape)} differs from the fake's {tuple(fake.shape)}"
+    if not torch.isfinite(grad).all():
+        return f"gradient has {int((~torch.isfinite(grad)).sum())} non-finite values"
+    norm = float(grad.norm())
+    if norm > max_norm:
+        return f"gradient norm {norm:.3g} exceeds the limit {max_norm:.3g}"
+    return None
+
+
+class _Site:
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.modalities: list[str] = []
+        self.masks: Any = None  # uint8 codes of the site's next batch
+        self.active = False
+        self.probe: Task | None = None
+
+
+class ModalityBankController(Controller):
+    """Central generator + bank against per-site discriminators (see module docstring).
+
+    Args:
+        scale: size preset (``tiny``, ``small``, ``paper``).
+        experiment: ``multimodal`` or ``missing_modality`` (targets and site modalities).
+        iterations: total iterations (0: the preset's ``bank_iterations``).
+        baseline: ``""`` (ModalityBank) or ``"asyndgan"`` (one multi-channel generator, no bank).
+        pretrained: pre-trained generator folder; empty: pre-train once on the public source set.
+        checkpoint_dir: absolute, or relative to the job's run directory.
+        checkpoint_every: iterations between checkpoints (0: the preset's).
+        site_timeout: seconds to wait for a site before going on without it.
+        max_grad_norm: a site's gradient with a larger norm is rejected.
+        wire_dtype: ``float32`` or ``float16`` for fakes and gradients.
+        task_check_period: how often the communicator checks tasks (seconds).
+        seed: initialisation.
+        threads: torch threads of the server process.
+    """
+
+    def __init__(self, scale: str = "tiny", experiment: str = "multimodal", iterations: int = 0, baseline: str = "",
+                 pretrained: str = "", checkpoint_dir: str = "checkpoint", checkpoint_every: int = 0,
+                 site_timeout: float = 120.0, max_grad_norm: float = 1e4, wire_dtype: str = "float32",
+                 task_check_period: float = 0.01, seed: int = 0, threads: int = 1) -> None:
+        super().__init__(task_check_period=task_check_period)
+        if wire_dtype not in ("float32", "float16"):
+            raise ValueError(f"wire_dtype must be float32 or float16, not {wire_dtype!r}")
+        self.scale, self.experiment_name, self.baseline, self.seed = scale, experiment, baseline or None, seed
+        self.settings = TrainSettings.from_preset(scale, "bank", seed=seed, iterations=iterations or None,
+                                                  checkpoint_every=checkpoint_every or None)
+        self.pretrained, self.checkpoint_arg = pretrained, checkpoint_dir
+        self.site_timeout, self.max_grad_norm, self.wire_dtype = site_timeout, max_grad_norm, wire_dtype
+        self.threads = threads
+        self._results: dict[tuple[str, str, int], Shareable] = {}
+        self._results_lock = threading.Lock()
+
+    # -- life cycle -------------------------------------------------------------------------
+    def start_controller(self, fl_ctx: FLContext) -> None:
+        self.communicator._task_check_period = self._task_check_period  # 2.9 reads this attribute only
+        torch.set_num_threads(self.threads)
+        run_dir = Path(fl_ctx.get_engine().get_workspace().get_run_dir(fl_ctx.get_job_id()))
+        self.ckpt = Path(self.checkpoint_arg) if Path(self.checkpoint_arg).is_absolute() else run_dir / self.checkpoint_arg
+        self.ckpt.mkdir(parents=True, exist_ok=True)
+        self.ledger = Ledger(run_dir / LEDGER_FILE)
+        self.exp = config.experiment(self.experiment_name)
+        self.targets = list(self.exp["targets"])
+        self._build_generator(fl_ctx)
+
+    def _build_generator(self, fl_ctx: FLContext) -> None:
+        state_path = self.ckpt / STATE_FILE
+        self.start = 0
+        if state_path.is_file():
+            self.generator = load_generator(self.ckpt)
+        elif self.baseline == "asyndgan":
+            torch.manual_seed(self.seed)
+            self.generator = build_generator(config.preset(self.scale)["model"], output_modalities=self.targets)
+        else:
+            from modalitybank.data.default import default_pretrained
+
+            source = self.pretrained or str(default_pretrained(self.scale, self.seed))
+            self.log_info(fl_ctx, f"bank entries {self.targets} on the generator pre-trained in {source}")
+            self.generator = load_generator(source)
+        if self.generator.config["modulated"]:
+            for name in self.targets:
+                if name not in self.generator.bank.modalities:
+                    self.generator.bank.add(name)
+            self.generator.bank.freeze_base()
+            learned = [p for name in self.targets for p in self.generator.bank.entry_parameters(name)]
+        else:
+            learned = list(self.generator.parameters())
+        self.optimizer = self.settings.adam(learned)
+        if state_path.is_file():
+            state = torch.load(state_path, map_location="cpu", weights_only=False)
+            self.optimizer.load_state_dict(state["g_opt"])
+            self.start = state["iteration"]
+            self.log_info(fl_ctx, f"resumed from the checkpoint in {self.ckpt} at iteration {self.start}")
+        truncate_log(self.ckpt / "metrics.jsonl", self.start)
+        self.meta = {"stage": "federated", "experiment": self.experiment_name, "sites": self.exp["sites"],
+                     "scale": self.scale, "image_size": config.preset(self.scale)["slices"]["image_size"],
+                     "baseline": self.baseline}
+
+    def stop_controller(self, fl_ctx: FLContext) -> None:
+        pass
+
+    def process_result_of_unknown_task(self, client: Client, task_name: str, client_task_id: str, result: Shareable,
+                                       fl_ctx: FLContext) -> None:
+        self.log_warning(fl_ctx, f"late result of {task_name} from {client.name} ignored")
+
+    # -- messaging --------------------------------------------------------------------------
+    def _on_result(self, client_task: ClientTask, fl_ctx: FLContext) -> None:
+        key = (client_task.client.name, client_task.task.name, client_task.task.props["iteration"])
+        with self._results_lock:
+            self._results[key] = client_task.result
+
+    def _take(self, site: str, task: str, iteration: int) -> Shareable | None:
+        with self._results_lock:
+            return self._results.pop((site, task, iteration), None)
+
+    def _send(self, site: _Site, name: str, data: dict[str, Any], iteration: int, fl_ctx: FLContext) -> Task:
+        shareable = DXO(DataKind.APP_DEFINED, data).to_shareable()
+        shareable.set_header(wire.ITERATION, iteration)
+        task = Task(name, shareable, props={"iteration": iteration}, timeout=int(self.site_timeout),
+                    result_received_cb=self._on_result)
+        self.ledger.record(site.name, "sent", name, data, iteration)
+        self.broadcast(task, fl_ctx, targets=[site.name], min_responses=1)
+        return task
+
+    def _problem(self, result: Shareable | None) -> str | None:
+        """Why a result is unusable (named in the log), or ``None``."""
+        if result is None:
+            return f"no answer within {self.site_timeout:.0f} s"
+        rc = result.get_return_code()
+        if rc != ReturnCode.OK:
+            reason = result.get_header(BLOCKED_HEADER) or result.get_header(ERROR_HEADER) or ""
+            return f"{rc}{': ' + reason if reason else ''}"
+        return None
+
+    def _hello_result(self, site: _Site, result: Shareable, iteration: int, fl_ctx: FLContext) -> None:
+        data = from_shareable(result).data
+        self.ledger.record(site.name, "received", wire.TASK_HELLO, data, iteration)
+        site.modalities = [m for m in data[wire.MODALITIES] if m in self.targets]
+        site.masks = data[wire.NEXT_MASKS]
+        site.active = True
+        self.log_info(fl_ctx, f"site {site.name} joined: {data[wire.SLICES]} slices, modalities {site.modalities}")
+
+    # -- the loop ---------------------------------------------------------------------------
+    def control_flow(self, abort_signal: Signal, fl_ctx: FLContext) -> None:
+        sites = {c.name: _Site(c.name) for c in self._engine.get_clients()}
+        hellos = {name: self._send(site, wire.TASK_HELLO, {}, self.start, fl_ctx) for name, site in sites.items()}
+        for name, task in hellos.items():
+            self.communicator.wait_for_task(task, abort_signal)
+            result = self._take(name, wire.TASK_HELLO, self.start)
+            problem = self._problem(result)
+            if problem:
+                self.log_error(fl_ctx, f"site {name} could not join: {problem}")
+            else:
+                self._hello_result(sites[name], result, self.start, fl_ctx)
+        total, t0 = self.settings.iterations, time.perf_counter()
+        with open(self.ckpt / "metrics.jsonl", "a") as log:
+            for iteration in range(self.start, total):
+                if abort_signal.triggered:
+                    return
+                report = self._iteration(sites, iteration, abort_signal, fl_ctx)
+                if report:
+                    mean = {k: sum(r[k] for r in report.values()) / len(report) for k in ("d", "g_adv", "g_l1")}
+                    log.write(json.dumps({"iteration": iteration + 1, "losses": report, "mean": mean}) + "\n")
+                    log.flush()
+                    done = iteration + 1 - self.start
+                    rate = (time.perf_counter() - t0) / done
+                    self.log_info(fl_ctx, f"iteration {iteration + 1}/{total} | {rate:.2f} s/it | ETA "
+                                  f"{rate * (total - iteration - 1):.0f} s | d {mean['d']:.3f} g_l1 {mean['g_l1']:.3f}"
+                                  f" | sites {sorted(s.name for s in sites.values() if s.active)}")
+                if (iteration + 1) % self.settings.checkpoint_every == 0:
+                    self._checkpoint(iteration + 1)
+        self._checkpoint(total)
+        self.log_info(fl_ctx, f"done: {total} iterations, generator in {self.ckpt}")
+
+    def _iteration(self, sites: dict[str, _Site], iteration: int, abort_signal: Signal,
+                   fl_ctx: FLContext) -> dict[str, dict[str, float]]:
+        self._probe_absent(sites, iteration, fl_ctx)
+        self.generator.train()
+        sent: dict[str, tuple[Task, dict[str, torch.Tensor]]] = {}
+        for site in sites.values():
+            if not site.active or not site.modalities:
+                continue
+            label, brain = wire.decode_masks(site.masks)
+            fakes = self.generator.generate(mask_channels(label, brain), site.modalities)
+            payload = {wire.fake_key(m): wire.to_wire(f, self.wire_dtype) for m, f in fakes.items()}
+            sent[site.name] = (self._send(site, wire.TASK_STEP, payload, iteration, fl_ctx), fakes)
+        all_fakes, all_grads, report = [], [], {}
+        for name, (task, fakes) in sent.items():
+            self.communicator.wait_for_task(task, abort_signal)
+            site, result = sites[name], self._take(name, wire.TASK_STEP, iteration)
+            problem = self._problem(result)
+            if problem:
+                self.ledger.record(name, "received", wire.TASK_STEP, {}, iteration, status="missing", note=problem)
+                self.log_error(fl_ctx, f"site {name} at iteration {iteration + 1}: {problem}; going on with "
+                               f"{sorted(s.name for s in sites.values() if s.active and s.name != name)}")
+                site.active = False
+                continue
+            data = from_shareable(result).data
+            self.ledger.record(name, "received", wire.TASK_STEP, data, iteration)
+            grads = {m: wire.from_wire(data[wire.grad_key(m)]) for m in fakes}
+            rejected = {m: r for m, f in fakes.items() if (r := check_gradient(grads[m], f, self.max_grad_norm))}
+            if rejected:
+                self.log_error(fl_ctx, f"site {name} at iteration {iteration + 1}: rejected {rejected}")
+            for m, fake in fakes.items():
+                if m not in rejected:
+                    all_fakes.append(fake)
+                    all_grads.append(grads[m])
+                    losses = data[wire.LOSSES]
+                    report[f"{name}/{m}"] = {k: losses[f"{m}/{k}"] for k in ("d", "g_adv", "g_l1", "g")}
+            site.masks = data[wire.NEXT_MASKS]
+        if all_fakes:
+            generator_step(self.optimizer, all_fakes, all_grads)
+        return report
+
+    def _probe_absent(self, sites: dict[str, _Site], iteration: int, fl_ctx: FLContext) -> None:
+        """Ask every absent site to join again; take back those that answered (without waiting)."""
+        for site in sites.values():
+            if site.active:
+                continue
+            if site.probe is not None and site.probe.completion_status is not None:
+                result = self._take(site.name, wire.TASK_HELLO, site.probe.props["iteration"])
+                site.probe = None
+                if self._problem(result) is None:
+                    self._hello_result(site, result, iteration, fl_ctx)
+                    self.log_info(fl_ctx, f"site {site.name} is back at iteration {iteration + 1}")
+                    continue
+            if site.probe is None:
+                site.probe = self._send(site, wire.TASK_HELLO, {}, iteration, fl_ctx)
+
+    def _checkpoint(self, iteration: int) -> None:
+        save_generator(self.generator, self.ckpt, self.meta)
+        atomic_save({"iteration": iteration, "g_opt": self.optimizer.state_dict()}, self.ckpt / STATE_FILE)

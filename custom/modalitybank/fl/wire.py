@@ -1,0 +1,78 @@
+"""What crosses the network, and how it is packed.
+
+Per iteration and site, one round trip: the server sends the fakes of the masks the site sent
+last (``fake/<modality>``, one per modality the site holds); the site returns the gradient of its
+generator loss w.r.t. each fake (``grad/<modality>``), scalar losses, and the masks of its next
+batch (``next_masks``), so that the next fakes can be made without another round trip.
+
+Masks travel as one ``uint8`` map per slice: the BraTS label (0, 1, 2, 4) plus
+:data:`BRAIN_BIT` inside the brain.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+__all__ = [
+    "BRAIN_BIT", "LOSSES", "MASK_CODES", "MODALITIES", "NEXT_MASKS", "SLICES", "TASK_HELLO", "TASK_STEP",
+    "decode_masks", "describe", "encode_masks", "fake_key", "from_wire", "grad_key", "modality_of", "to_wire",
+]
+
+TASK_HELLO = "modalitybank_hello"  # site -> its modalities and first masks
+TASK_STEP = "modalitybank_gan_step"  # fakes -> gradients + next masks
+NEXT_MASKS = "next_masks"
+LOSSES = "losses"
+MODALITIES = "modalities"
+SLICES = "slices"
+ITERATION = "iteration"
+
+#: Added to the label inside the brain mask.
+BRAIN_BIT = 8
+#: Every value a mask code may take.
+MASK_CODES = frozenset({0, 1, 2, 4, BRAIN_BIT, BRAIN_BIT | 1, BRAIN_BIT | 2, BRAIN_BIT | 4})
+
+
+def fake_key(modality: str) -> str:
+    return f"fake/{modality}"
+
+
+def grad_key(modality: str) -> str:
+    return f"grad/{modality}"
+
+
+def modality_of(key: str) -> str:
+    return key.split("/", 1)[1]
+
+
+def encode_masks(label: torch.Tensor, brain: torch.Tensor) -> np.ndarray:
+    """``(N, H, W)`` labels and brain mask → ``(N, H, W)`` uint8 codes."""
+    return (label.to(torch.uint8) | (brain > 0).to(torch.uint8) * BRAIN_BIT).numpy()
+
+
+def decode_masks(codes: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(N, H, W)`` uint8 codes → ``(label, brain)`` tensors of the same shape."""
+    t = torch.from_numpy(np.ascontiguousarray(codes))
+    return t & 7, (t & BRAIN_BIT) // BRAIN_BIT
+
+
+def to_wire(t: torch.Tensor, dtype: str) -> np.ndarray:
+    """A detached, contiguous numpy copy in the wire dtype (``float32`` or ``float16``)."""
+    return np.ascontiguousarray(t.detach().cpu().numpy().astype(dtype))
+
+
+def from_wire(a: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.asarray(a, dtype=np.float32).copy())
+
+
+def describe(data: dict[str, Any]) -> list[dict[str, Any]]:
+    """One record per key: shape, dtype and bytes (arrays) or the value's type (scalars, dicts)."""
+    out = []
+    for key, value in sorted(data.items()):
+        if isinstance(value, np.ndarray):
+            out.append({"key": key, "shape": list(value.shape), "dtype": str(value.dtype), "bytes": int(value.nbytes)})
+        else:
+            out.append({"key": key, "shape": [], "dtype": type(value).__name__, "bytes": len(repr(value))})
+    return out
