@@ -359,6 +359,29 @@ def brats_datalist(root: str | Path, modalities: Sequence[str], out_json: str | 
     return datalist
 
 
+def _read_datalist(source: Path, modalities: Sequence[str]) -> tuple[dict[str, Any], bool]:
+    """A datalist JSON with its image channels selected and ordered as ``modalities``.
+
+    Returns ``(datalist, changed)``; when ``changed``, the paths of the returned datalist are absolute.
+    """
+    datalist = json.loads(source.read_text())
+    have = datalist.get("modalities")
+    if have is None or list(have) == list(modalities):
+        return datalist, False
+    missing = [m for m in modalities if m not in have]
+    if missing:
+        raise ValueError(f"{source}: has modalities {have}, not {missing}")
+    index = [have.index(m) for m in modalities]
+    for entries in datalist.values():
+        for e in entries if isinstance(entries, list) else []:
+            if isinstance(e, dict) and isinstance(e.get("image"), list):
+                e["image"] = [str((source.parent / e["image"][i]).resolve()) for i in index]
+                if isinstance(e.get("label"), str):
+                    e["label"] = str((source.parent / e["label"]).resolve())
+    datalist["modalities"] = list(modalities)
+    return datalist, True
+
+
 def datalist_file(dataset_dir: str | Path, modalities: Sequence[str], work_dir: str | Path) -> str:
     """The datalist JSON for ``dataset_dir``, with the image channels in the order of ``modalities``.
 
@@ -373,22 +396,9 @@ def datalist_file(dataset_dir: str | Path, modalities: Sequence[str], work_dir: 
     key = hashlib.sha256(f"{dataset_dir.resolve()}|{modalities}".encode()).hexdigest()[:10]
     out = work_dir / f"datalist_{dataset_dir.stem}_{key}.json"
     if source.is_file():
-        datalist = json.loads(source.read_text())
-        have = datalist.get("modalities")
-        if have is None or list(have) == modalities:
+        datalist, changed = _read_datalist(source, modalities)
+        if not changed:
             return str(source)
-        missing = [m for m in modalities if m not in have]
-        if missing:
-            raise ValueError(f"{source}: has modalities {have}, not {missing}")
-        index = [have.index(m) for m in modalities]
-        for section, entries in datalist.items():
-            if isinstance(entries, list):
-                for e in entries:
-                    if isinstance(e, dict) and isinstance(e.get("image"), list):
-                        e["image"] = [str((source.parent / e["image"][i]).resolve()) for i in index]
-                        if isinstance(e.get("label"), str):
-                            e["label"] = str((source.parent / e["label"]).resolve())
-        datalist["modalities"] = modalities
         work_dir.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(datalist, indent=2))
         return str(out)
@@ -410,28 +420,26 @@ def load_datalist(path: str | Path, section: str) -> list[dict[str, Any]]:
     return load_decathlon_datalist(str(path), is_segmentation=True, data_list_key=section)
 
 
-def inference_cases(dataset_dir: str | Path, modalities: Sequence[str], split: str = "all") -> list[dict[str, Any]]:
+def inference_cases(dataset_dir: str | Path, modalities: Sequence[str], split: str = "all",
+                    grades: Sequence[str] = ("HGG",)) -> list[dict[str, Any]]:
     """Inputs for segmentation inference: ``[{"image": [one file per modality] or one multi-channel file}]``.
 
-    ``dataset_dir`` may be a BraTS-layout folder (cases of ``split``), a folder with a
+    ``dataset_dir`` may be a BraTS-layout folder (cases of ``split`` and ``grades``), a folder with a
     ``datalist.json`` (all its entries) or a folder of multi-channel NIfTI files (one per case).
     """
     dataset_dir = Path(dataset_dir)
     if any((dataset_dir / g).is_dir() for g in ("HGG", "LGG")):
-        grades = [g for g in ("HGG", "LGG") if (dataset_dir / g).is_dir()]
         sections = {"all": "all"} if split == "all" else {split: split}
         datalist = brats_datalist(dataset_dir, modalities, sections=sections, grades=grades)
         return [{"image": e["image"], "case": e["case"]} for e in datalist[next(iter(sections))]]
     if (dataset_dir / "datalist.json").is_file():
-        path = datalist_file(dataset_dir, modalities, dataset_dir)
-        datalist = json.loads(Path(path).read_text())
+        datalist, _ = _read_datalist(dataset_dir / "datalist.json", modalities)
         out = []
         for entries in datalist.values():
-            if isinstance(entries, list):
-                for e in entries:
-                    if isinstance(e, dict) and "image" in e:
-                        images = e["image"] if isinstance(e["image"], list) else [e["image"]]
-                        out.append({"image": [str(Path(path).parent / p) for p in images]})
+            for e in entries if isinstance(entries, list) else []:
+                if isinstance(e, dict) and "image" in e:
+                    images = e["image"] if isinstance(e["image"], list) else [e["image"]]
+                    out.append({"image": [str(dataset_dir / p) for p in images]})
         return out
     files = sorted(p for p in dataset_dir.glob("*.nii*") if p.is_file())
     if not files:

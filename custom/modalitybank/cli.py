@@ -84,6 +84,18 @@ def cmd_bench_layers(a: argparse.Namespace) -> dict[str, Any]:
     return bench_layers(a.scale, steps=a.steps, rounds=a.rounds)
 
 
+def cmd_fl_simulate(a: argparse.Namespace) -> dict[str, Any]:
+    from modalitybank.fl.jobs import simulate
+
+    faults = json.loads(a.faults) if a.faults else None
+    result = simulate(a.job, a.workdir, scale=a.scale, rounds=a.rounds, n_clients=a.n_clients, progress=not a.quiet,
+                      data_root=str(a.data.resolve()) if a.data else None,
+                      cache_dir=str(a.cache_dir.resolve()) if a.cache_dir else None, wire_dtype=a.wire_dtype,
+                      faults=faults)
+    result.pop("log")
+    return result
+
+
 def cmd_demo(a: argparse.Namespace) -> dict[str, Any]:
     """phantom → pre-train → bank → synthesize, the README's main job."""
     from modalitybank.data.phantom import make_phantom
@@ -175,6 +187,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(fn=cmd_bench_layers)
 
+    fl = sub.add_parser("fl", help="federated runs on NVFlare").add_subparsers(dest="fl_command", required=True)
+    p = fl.add_parser("simulate", help="run a job of jobs/ in the NVFlare simulator (3 hospital sites); "
+                      "a second run in the same --workdir resumes from its checkpoint")
+    p.add_argument("job", help="job name in jobs/ (modalitybank_multimodal, modalitybank_missing_modality, asyndgan, "
+                   "fedavg_segmentation) or a job folder")
+    p.add_argument("--scale", default="tiny", choices=config.scales())
+    p.add_argument("--rounds", type=int, default=None, help="iterations (GAN jobs) or rounds (FedAvg); default: preset")
+    p.add_argument("--workdir", type=Path, required=True, help="job copy, simulator workspace, checkpoint, log")
+    p.add_argument("--data", type=Path, default=None, help="BraTS-layout folder of the sites (default: the phantom)")
+    p.add_argument("--cache-dir", type=Path, default=None)
+    p.add_argument("--n-clients", type=int, default=3)
+    p.add_argument("--wire-dtype", choices=["float32", "float16"], default=None)
+    p.add_argument("--faults", default=None, help=argparse.SUPPRESS)  # test hooks, see fl/executor.py
+    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(fn=cmd_fl_simulate)
+
     p = sub.add_parser("demo", help="the main job: phantom -> pre-train -> bank -> synthesize, with figures")
     p.add_argument("--workdir", type=Path, default=Path("runs/demo"))
     p.add_argument("--scale", default="tiny", choices=config.scales())
@@ -190,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         result = args.fn(args)
-    except (ValueError, FileNotFoundError, KeyError) as err:
+    except (ValueError, FileNotFoundError, KeyError, RuntimeError) as err:
         print(f"modalitybank: error: {err}", file=sys.stderr)
         return 2
     _emit(result, args.json)

@@ -75,7 +75,8 @@ class ModalityBankController(Controller):
         pretrained: pre-trained generator folder; empty: pre-train once on the public source set.
         checkpoint_dir: absolute, or relative to the job's run directory.
         checkpoint_every: iterations between checkpoints (0: the preset's).
-        site_timeout: seconds to wait for a site before going on without it.
+        site_timeout: seconds to wait for a site's answer to an iteration before going on without it.
+        join_timeout: seconds to wait for the sites to join at the start (loading their data).
         max_grad_norm: a site's gradient with a larger norm is rejected.
         wire_dtype: ``float32`` or ``float16`` for fakes and gradients.
         task_check_period: how often the communicator checks tasks (seconds).
@@ -85,7 +86,7 @@ class ModalityBankController(Controller):
 
     def __init__(self, scale: str = "tiny", experiment: str = "multimodal", iterations: int = 0, baseline: str = "",
                  pretrained: str = "", checkpoint_dir: str = "checkpoint", checkpoint_every: int = 0,
-                 site_timeout: float = 120.0, max_grad_norm: float = 1e4, wire_dtype: str = "float32",
+                 site_timeout: float = 120.0, join_timeout: float = 900.0, max_grad_norm: float = 1e4, wire_dtype: str = "float32",
                  task_check_period: float = 0.01, seed: int = 0, threads: int = 1) -> None:
         super().__init__(task_check_period=task_check_period)
         if wire_dtype not in ("float32", "float16"):
@@ -94,7 +95,8 @@ class ModalityBankController(Controller):
         self.settings = TrainSettings.from_preset(scale, "bank", seed=seed, iterations=iterations or None,
                                                   checkpoint_every=checkpoint_every or None)
         self.pretrained, self.checkpoint_arg = pretrained, checkpoint_dir
-        self.site_timeout, self.max_grad_norm, self.wire_dtype = site_timeout, max_grad_norm, wire_dtype
+        self.site_timeout, self.join_timeout = site_timeout, join_timeout
+        self.max_grad_norm, self.wire_dtype = max_grad_norm, wire_dtype
         self.threads = threads
         self._results: dict[tuple[str, str, int], Shareable] = {}
         self._results_lock = threading.Lock()
@@ -161,10 +163,11 @@ class ModalityBankController(Controller):
         with self._results_lock:
             return self._results.pop((site, task, iteration), None)
 
-    def _send(self, site: _Site, name: str, data: dict[str, Any], iteration: int, fl_ctx: FLContext) -> Task:
+    def _send(self, site: _Site, name: str, data: dict[str, Any], iteration: int, fl_ctx: FLContext,
+              timeout: float | None = None) -> Task:
         shareable = DXO(DataKind.APP_DEFINED, data).to_shareable()
         shareable.set_header(wire.ITERATION, iteration)
-        task = Task(name, shareable, props={"iteration": iteration}, timeout=int(self.site_timeout),
+        task = Task(name, shareable, props={"iteration": iteration}, timeout=int(timeout or self.site_timeout),
                     result_received_cb=self._on_result)
         self.ledger.record(site.name, "sent", name, data, iteration)
         self.broadcast(task, fl_ctx, targets=[site.name], min_responses=1)
@@ -173,7 +176,7 @@ class ModalityBankController(Controller):
     def _problem(self, result: Shareable | None) -> str | None:
         """Why a result is unusable (named in the log), or ``None``."""
         if result is None:
-            return f"no answer within {self.site_timeout:.0f} s"
+            return "no answer in time"
         rc = result.get_return_code()
         if rc != ReturnCode.OK:
             reason = result.get_header(BLOCKED_HEADER) or result.get_header(ERROR_HEADER) or ""
@@ -191,7 +194,8 @@ class ModalityBankController(Controller):
     # -- the loop ---------------------------------------------------------------------------
     def control_flow(self, abort_signal: Signal, fl_ctx: FLContext) -> None:
         sites = {c.name: _Site(c.name) for c in self._engine.get_clients()}
-        hellos = {name: self._send(site, wire.TASK_HELLO, {}, self.start, fl_ctx) for name, site in sites.items()}
+        hellos = {name: self._send(site, wire.TASK_HELLO, {}, self.start, fl_ctx, self.join_timeout)
+                  for name, site in sites.items()}
         for name, task in hellos.items():
             self.communicator.wait_for_task(task, abort_signal)
             result = self._take(name, wire.TASK_HELLO, self.start)

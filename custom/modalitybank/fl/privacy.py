@@ -32,7 +32,7 @@ LEDGER_FILE = "modalitybank_ledger.jsonl"
 BLOCKED_HEADER = "modalitybank_blocked"
 
 Manifest = dict[str, tuple[tuple[int, ...], str]]
-_sent: dict[str, Manifest] = {}  # task id -> what the server sent (arrays only)
+_sent: dict[str, tuple[Manifest, int | None]] = {}  # task id -> what the server sent (arrays), iteration
 _sent_lock = threading.Lock()
 
 
@@ -110,7 +110,7 @@ class TaskManifestRecorder(Filter):
         task, task_id, iteration = _task_info(fl_ctx, shareable)
         data = from_shareable(shareable).data or {}
         with _sent_lock:
-            _sent[task_id] = _manifest(data)
+            _sent[task_id] = (_manifest(data), iteration)
         ledger_for(fl_ctx).record(fl_ctx.get_identity_name(), "received", task, data, iteration)
         return shareable
 
@@ -119,9 +119,9 @@ class PrivacyGuard(Filter):
     """Task-result filter: passes only what :func:`check_result` allows; blocks and logs the rest."""
 
     def process(self, shareable: Shareable, fl_ctx: FLContext) -> Shareable:
-        task, task_id, iteration = _task_info(fl_ctx, shareable)
+        task, task_id, _ = _task_info(fl_ctx, shareable)
         with _sent_lock:
-            sent = _sent.pop(task_id, {})
+            sent, iteration = _sent.pop(task_id, ({}, None))
         site = fl_ctx.get_identity_name()
         ledger = ledger_for(fl_ctx)
         if shareable.get_return_code() != ReturnCode.OK:

@@ -1,0 +1,87 @@
+"""Federated ModalityBank in the real NVFlare simulator (3 sites, tiny phantom, a few iterations)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from modalitybank.fl.jobs import simulate
+from modalitybank.store import load_generator
+from modalitybank.training import pretrain
+
+pytestmark = pytest.mark.slow
+
+DECLARED = {"grad/t1", "grad/t1c", "grad/t2", "grad/flair", "next_masks", "losses", "modalities", "slices"}
+
+
+@pytest.fixture(scope="module")
+def pretrained(phantom_root, cache_dir, tmp_path_factory) -> Path:
+    run = tmp_path_factory.mktemp("fl_pretrain")
+    pretrain(run, phantom_root, scale="tiny", cache_dir=cache_dir, progress=False, iterations=10)
+    return run
+
+
+def _run(job: str, workdir: Path, phantom_root: Path, cache_dir: Path, pretrained: Path, rounds: int, **kw) -> dict:
+    return simulate(job, workdir, scale="tiny", rounds=rounds, progress=False, data_root=str(phantom_root),
+                    cache_dir=str(cache_dir), pretrained=str(pretrained), **kw)
+
+
+def _ledger(path: str) -> list[dict]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def test_multimodal_job(phantom_root, cache_dir, pretrained, tmp_path) -> None:
+    result = _run("modalitybank_multimodal", tmp_path, phantom_root, cache_dir, pretrained, rounds=3)
+    assert result["rounds"] == 3 and result["sites"] == ["site-1", "site-2", "site-3"]
+    gen = load_generator(result["checkpoint"])
+    assert sorted(gen.bank.modalities) == ["flair", "t1", "t2"]
+    metrics = [json.loads(line) for line in (Path(result["checkpoint"]) / "metrics.jsonl").read_text().splitlines()]
+    assert len(metrics) == 3 and all(np.isfinite(list(m["mean"].values())).all() for m in metrics)
+    assert {k.split("/")[0] for k in metrics[-1]["losses"]} == {"site-1", "site-2", "site-3"}
+    site_ledgers = [p for p in result["ledgers"] if "/server/" not in p]
+    assert len(site_ledgers) == 3
+    for path in site_ledgers:
+        sent = [e for e in _ledger(path) if e["direction"] == "sent"]
+        assert sent and {e["key"] for e in sent} <= DECLARED and all(e["status"] == "passed" for e in sent)
+        received = {e["key"] for e in _ledger(path) if e["direction"] == "received" and e["key"]}
+        assert received == {"fake/t1", "fake/t2", "fake/flair"}  # the server sends synthetic images only
+
+
+def test_missing_modality_job_guards_faults_and_resumes(phantom_root, cache_dir, pretrained, tmp_path) -> None:
+    faults = {"site-2": {"leak_real": True}, "site-3": {"nan_from": 1}, "site-1": {"huge_from": 2}}
+    result = _run("modalitybank_missing_modality", tmp_path, phantom_root, cache_dir, pretrained, rounds=3,
+                  faults=faults)
+    log = Path(result["log"]).read_text()
+    # an executor returning a real image is blocked by its site's guard, and the server names the site
+    site2 = _ledger(next(p for p in result["ledgers"] if "/site-2/" in p))
+    blocked = [e for e in site2 if e["status"] == "blocked"]
+    assert blocked and all("real/t1c" in e["note"] for e in blocked)
+    assert not any(e["key"] == "real/t1c" and e["status"] == "passed" for e in site2)
+    assert "site site-2 at iteration" in log and "undeclared keys ['real/t1c']" in log
+    # NaN gradients are blocked at the site; oversized ones rejected by the server; both named
+    assert "site site-3 at iteration" in log and "non-finite" in log
+    assert "site site-1 at iteration 3: rejected" in log and "exceeds the limit" in log
+    assert result["rounds"] == 3
+
+    resumed = _run("modalitybank_missing_modality", tmp_path, phantom_root, cache_dir, pretrained, rounds=5)
+    assert resumed["rounds"] == 5
+    assert "resumed from the checkpoint" in Path(resumed["log"]).read_text()
+    gen = load_generator(resumed["checkpoint"])
+    assert sorted(gen.bank.modalities) == ["flair", "t1c", "t2"]
+    before = torch.load(Path(pretrained) / "base.pt", weights_only=True)["state"]
+    after = torch.load(Path(resumed["checkpoint"]) / "base.pt", weights_only=True)["state"]
+    assert all(torch.equal(before[k], after[k]) for k in before)  # the base stayed frozen
+
+
+def test_site_that_stops_answering_is_set_aside_and_taken_back(phantom_root, cache_dir, pretrained, tmp_path) -> None:
+    result = _run("modalitybank_multimodal", tmp_path, phantom_root, cache_dir, pretrained, rounds=14,
+                  site_timeout=3, faults={"site-3": {"hang_at": 1, "hang_seconds": 6}})
+    log = Path(result["log"]).read_text()
+    assert "site site-3 at iteration 2: no answer in time" in log
+    assert "site site-3 is back" in log
+    metrics = [json.loads(line) for line in (Path(result["checkpoint"]) / "metrics.jsonl").read_text().splitlines()]
+    assert result["rounds"] == 14 and any("site-3/t1" in m["losses"] for m in metrics[3:])
