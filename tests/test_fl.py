@@ -67,8 +67,11 @@ def test_missing_modality_job_guards_faults_and_resumes(phantom_root, cache_dir,
     assert "site site-1 at iteration 3: rejected" in log and "exceeds the limit" in log
     assert result["rounds"] == 3
 
-    resumed = _run("modalitybank_missing_modality", tmp_path, phantom_root, cache_dir, pretrained, rounds=5)
+    resumed = _run("modalitybank_missing_modality", tmp_path, phantom_root, cache_dir, pretrained, rounds=5,
+                   wire_dtype="float16")
     assert resumed["rounds"] == 5
+    grads = [e for e in _ledger(next(p for p in resumed["ledgers"] if "/site-1/" in p)) if e["key"] == "grad/t1c"]
+    assert grads and all(e["dtype"] == "float16" and e["bytes"] == 8 * 64 * 64 * 2 for e in grads)
     assert "resumed from the checkpoint" in Path(resumed["log"]).read_text()
     gen = load_generator(resumed["checkpoint"])
     assert sorted(gen.bank.modalities) == ["flair", "t1c", "t2"]

@@ -13,7 +13,7 @@ import torch
 from modalitybank import config
 from modalitybank.networks import MASK_CHANNELS, ResnetGenerator
 
-__all__ = ["bench_layers", "side_by_side"]
+__all__ = ["bench_fl", "bench_layers", "side_by_side"]
 
 
 def side_by_side(fns: dict[str, Callable[[], Any]], steps: int, rounds: int, warmup: int = 2) -> dict[str, float]:
@@ -79,4 +79,78 @@ def bench_layers(scale: str = "small", steps: int = 5, rounds: int = 7, seed: in
         "infer_seconds_madafm": round(infer_times["madafm"], 5),
         "infer_seconds_plain": round(infer_times["plain"], 5),
         "scale": scale, "batch_size": batch, "image_size": size, "threads": torch.get_num_threads(),
+    }
+
+
+def bench_fl(scale: str = "small", iterations: int = 30, warmup: int = 5, workdir: str | None = None,
+             wire_dtype: str = "float32", experiment: str = "multimodal", progress: bool = True) -> dict[str, Any]:
+    """The federated iteration (NVFlare simulator, 3 sites) against the single-process reference
+    iteration, on the same data, networks and batch size, run one after the other in this command.
+
+    Also the bytes that cross per iteration and site, as NVFlare serialises the messages, against
+    the minimum: the raw masks, fakes and gradients.
+    """
+    import json
+    import tempfile
+    from pathlib import Path
+
+    import numpy as np
+
+    from modalitybank.data.brats import site_datasets
+    from modalitybank.data.default import CACHE_ROOT, default_phantom, default_pretrained
+    from modalitybank.fl.jobs import simulate
+    from modalitybank.gan import GanLoss, gan_step
+    from modalitybank.store import load_generator
+    from modalitybank.training import BatchStream, TrainSettings, make_site_models
+
+    job = {"multimodal": "modalitybank_multimodal", "missing_modality": "modalitybank_missing_modality"}[experiment]
+    p, exp = config.preset(scale), config.experiment(experiment)
+    data = default_phantom(scale)
+    cache = CACHE_ROOT / "slices"
+    pretrained = default_pretrained(scale, data_root=data, cache_dir=cache)
+
+    # single process: every site's discriminators beside the generator
+    settings = TrainSettings.from_preset(scale, "bank", iterations=iterations)
+    generator = load_generator(pretrained)
+    for m in exp["targets"]:
+        generator.bank.add(m)
+    generator.bank.freeze_base()
+    optimizer = settings.adam([q for m in exp["targets"] for q in generator.bank.entry_parameters(m)])
+    sites = make_site_models(exp["sites"], p["model"], settings)
+    datasets = site_datasets(data, experiment, scale, cache_dir=cache)
+    streams = {s: BatchStream(datasets[s], settings.batch_size, i) for i, s in enumerate(exp["sites"])}
+    times = []
+    for _ in range(iterations):
+        batches = {s: next(streams[s]) for s in sites}
+        start = time.perf_counter()
+        gan_step(generator, optimizer, sites, batches, GanLoss(lambda_l1=settings.lambda_l1))
+        times.append(time.perf_counter() - start)
+    reference = statistics.median(times[warmup:])
+
+    # federated: the same in the NVFlare simulator
+    workdir = workdir or tempfile.mkdtemp(prefix="modalitybank-bench-fl-")
+    result = simulate(job, Path(workdir) / "run", scale=scale, rounds=iterations, progress=progress,
+                      data_root=str(data), cache_dir=str(cache), pretrained=str(pretrained),
+                      measure_wire_bytes=True, wire_dtype=wire_dtype)
+    metrics = [json.loads(line) for line in (Path(result["checkpoint"]) / "metrics.jsonl").read_text().splitlines()]
+    federated = statistics.median(m["seconds"] for m in metrics[warmup:])
+    server_ledger = next(path for path in result["ledgers"] if "/server/" in path)
+    messages: dict[tuple[int, str, str], int] = {}
+    for line in Path(server_ledger).read_text().splitlines():
+        e = json.loads(line)
+        if e["task"] == "modalitybank_gan_step" and e.get("wire_bytes"):
+            messages[(e["iteration"], e["site"], e["direction"])] = e["wire_bytes"]
+    per_site_iteration: dict[tuple[int, str], int] = {}
+    for (it, site, _), n in messages.items():
+        per_site_iteration[(it, site)] = per_site_iteration.get((it, site), 0) + n
+    size, batch = p["slices"]["image_size"], settings.batch_size
+    itemsize = np.dtype(wire_dtype).itemsize
+    minimum = {s: batch * size * size * (1 + 2 * itemsize * len(mods)) for s, mods in exp["sites"].items()}
+    return {
+        "ratio": round(federated / reference, 3),
+        "bytes_per_iteration_per_site": int(statistics.mean(per_site_iteration.values())),
+        "min_bytes_per_iteration_per_site": int(statistics.mean(minimum.values())),
+        "reference_seconds_per_iteration": round(reference, 4),
+        "federated_seconds_per_iteration": round(federated, 4),
+        "scale": scale, "iterations": iterations, "wire_dtype": wire_dtype, "sites": result["sites"],
     }

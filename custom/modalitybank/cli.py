@@ -96,27 +96,50 @@ def cmd_fl_simulate(a: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
-def cmd_demo(a: argparse.Namespace) -> dict[str, Any]:
-    """phantom → pre-train → bank → synthesize, the README's main job."""
-    from modalitybank.data.phantom import make_phantom
+def cmd_bench_fl(a: argparse.Namespace) -> dict[str, Any]:
+    from modalitybank.bench import bench_fl
 
-    work = Path(a.workdir)
+    return bench_fl(a.scale, iterations=a.iterations, workdir=a.workdir, wire_dtype=a.wire_dtype,
+                    experiment=a.experiment, progress=not a.quiet)
+
+
+def cmd_demo(a: argparse.Namespace) -> dict[str, Any]:
+    """The README's main job: phantom → pre-train → bank (NVFlare simulator, 3 hospital sites, or one
+    process with ``--local``) → figures → synthetic test cases and completed training cases."""
+    from modalitybank.data.phantom import make_phantom
+    from modalitybank.fl.jobs import simulate
+    from modalitybank.report import report_run
+
+    work = Path(a.workdir).resolve()
     t0 = time.perf_counter()
     data, cache = work / "data", work / "cache"
     common = {"scale": a.scale, "cache_dir": cache, "quiet": a.quiet, "seed": a.seed, "iterations": None}
-    print(f"[1/4] BraTS-like phantom ({a.scale}) -> {data}", file=sys.stderr)
+    say = lambda step, text: print(f"[{step}/5] {text}", file=sys.stderr)  # noqa: E731
+    say(1, f"BraTS-like phantom ({a.scale}) -> {data}")
     make_phantom(data, scale=a.scale, seed=a.seed, progress=not a.quiet)
-    print("[2/4] pre-training the generator on the LGG-like T1c source set", file=sys.stderr)
+    say(2, "pre-training the generator on the LGG-like T1c source set")
     cmd_pretrain(argparse.Namespace(run_dir=work / "pretrain", data=data, **common))
-    print(f"[3/4] learning the bank entries ({a.experiment}) against per-site discriminators", file=sys.stderr)
-    trained = cmd_train_local(argparse.Namespace(run_dir=work / "bank", data=data, pretrained=work / "pretrain",
-                                                 experiment=a.experiment, baseline=None, **common))
-    print("[4/4] synthesizing complete cases for the test masks", file=sys.stderr)
-    synth = cmd_synthesize(argparse.Namespace(generator=work / "bank", data=data, out=work / "synthetic",
-                                              modalities=None, split="test", keep_real=False, experiment=None,
-                                              quiet=a.quiet))
-    return {"figure": trained["figure"], "loss_curves": trained["loss_curves"], "quality": trained["quality"],
-            "synthetic": synth["datalist"], "seconds": round(time.perf_counter() - t0, 1)}
+    if a.local:
+        say(3, f"learning the bank entries ({a.experiment}) against per-site discriminators, in one process")
+        bank = work / "bank"
+        cmd_train_local(argparse.Namespace(run_dir=bank, data=data, pretrained=work / "pretrain",
+                                           experiment=a.experiment, baseline=None, **common))
+    else:
+        say(3, f"learning the bank entries ({a.experiment}) on NVFlare: 3 hospital sites in the simulator")
+        fl = simulate(f"modalitybank_{a.experiment}", work / "federated", scale=a.scale, progress=not a.quiet,
+                      data_root=str(data), cache_dir=str(cache), pretrained=str(work / "pretrain"))
+        bank = Path(fl["checkpoint"])
+    say(4, "held-out image quality, Fig. 3-style grid, loss curves")
+    report = report_run(bank, data, a.scale, a.experiment, cache_dir=cache)
+    say(5, "synthesizing complete cases for the test masks and completing the sites' missing modalities")
+    common_syn = {"generator": bank, "data": data, "modalities": None, "quiet": a.quiet}
+    synth = cmd_synthesize(argparse.Namespace(out=work / "synthetic", split="test", keep_real=False,
+                                              experiment=None, **common_syn))
+    completed = cmd_synthesize(argparse.Namespace(out=work / "completed", split="train", keep_real=True,
+                                                  experiment=a.experiment, **common_syn))
+    return {"generator": str(bank), "figure": report["figure"], "loss_curves": report["loss_curves"],
+            "quality": report["quality"], "synthetic": synth["datalist"], "completed": completed["datalist"],
+            "completed_modalities": completed["synthetic"], "seconds": round(time.perf_counter() - t0, 1)}
 
 
 # -- parser -----------------------------------------------------------------------------------
@@ -186,6 +209,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rounds", type=int, default=9, help="alternating rounds (the median is reported)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(fn=cmd_bench_layers)
+    p = bench.add_parser("fl", help="federated iteration (NVFlare simulator, 3 sites) vs the single-process "
+                         "reference on the same data and networks; bytes per iteration and site vs the minimum")
+    p.add_argument("--scale", default="small", choices=config.scales())
+    p.add_argument("--iterations", type=int, default=30)
+    p.add_argument("--experiment", default="multimodal", choices=config.experiments())
+    p.add_argument("--wire-dtype", choices=["float32", "float16"], default="float32")
+    p.add_argument("--workdir", default=None, help="where the simulator runs (default: a temporary folder)")
+    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(fn=cmd_bench_fl)
 
     fl = sub.add_parser("fl", help="federated runs on NVFlare").add_subparsers(dest="fl_command", required=True)
     p = fl.add_parser("simulate", help="run a job of jobs/ in the NVFlare simulator (3 hospital sites); "
@@ -204,10 +237,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(fn=cmd_fl_simulate)
 
-    p = sub.add_parser("demo", help="the main job: phantom -> pre-train -> bank -> synthesize, with figures")
+    p = sub.add_parser("demo", help="the main job: phantom -> pre-train -> bank on NVFlare (3 sites) -> figures, "
+                       "synthetic and completed cases")
     p.add_argument("--workdir", type=Path, default=Path("runs/demo"))
     p.add_argument("--scale", default="tiny", choices=config.scales())
     p.add_argument("--experiment", default="missing_modality", choices=config.experiments())
+    p.add_argument("--local", action="store_true", help="learn the bank in one process instead of on NVFlare")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quiet", action="store_true")
     p.add_argument("--json", action="store_true")

@@ -55,6 +55,13 @@ def check_gradient(grad: torch.Tensor, fake: torch.Tensor, max_norm: float) -> s
     return None
 
 
+def _wire_bytes(shareable: Shareable) -> int:
+    """Size of a message as NVFlare serialises it."""
+    from nvflare.fuel.utils import fobs
+
+    return len(fobs.dumps(shareable))
+
+
 class _Site:
     def __init__(self, name: str) -> None:
         self.name = name
@@ -82,12 +89,15 @@ class ModalityBankController(Controller):
         task_check_period: how often the communicator checks tasks (seconds).
         seed: initialisation.
         threads: torch threads of the server process.
+        measure_wire_bytes: record in the server ledger the serialised size of every message
+            (what NVFlare sends), for ``modalitybank bench fl``.
     """
 
     def __init__(self, scale: str = "tiny", experiment: str = "multimodal", iterations: int = 0, baseline: str = "",
                  pretrained: str = "", checkpoint_dir: str = "checkpoint", checkpoint_every: int = 0,
                  site_timeout: float = 120.0, join_timeout: float = 900.0, max_grad_norm: float = 1e4, wire_dtype: str = "float32",
-                 task_check_period: float = 0.01, seed: int = 0, threads: int = 1) -> None:
+                 task_check_period: float = 0.01, seed: int = 0, threads: int = 1,
+                 measure_wire_bytes: bool = False) -> None:
         super().__init__(task_check_period=task_check_period)
         if wire_dtype not in ("float32", "float16"):
             raise ValueError(f"wire_dtype must be float32 or float16, not {wire_dtype!r}")
@@ -97,7 +107,7 @@ class ModalityBankController(Controller):
         self.pretrained, self.checkpoint_arg = pretrained, checkpoint_dir
         self.site_timeout, self.join_timeout = site_timeout, join_timeout
         self.max_grad_norm, self.wire_dtype = max_grad_norm, wire_dtype
-        self.threads = threads
+        self.threads, self.measure_wire_bytes = threads, measure_wire_bytes
         self._results: dict[tuple[str, str, int], Shareable] = {}
         self._results_lock = threading.Lock()
 
@@ -156,6 +166,8 @@ class ModalityBankController(Controller):
     # -- messaging --------------------------------------------------------------------------
     def _on_result(self, client_task: ClientTask, fl_ctx: FLContext) -> None:
         key = (client_task.client.name, client_task.task.name, client_task.task.props["iteration"])
+        if self.measure_wire_bytes:
+            client_task.result.set_header("wire_bytes", _wire_bytes(client_task.result))
         with self._results_lock:
             self._results[key] = client_task.result
 
@@ -169,7 +181,8 @@ class ModalityBankController(Controller):
         shareable.set_header(wire.ITERATION, iteration)
         task = Task(name, shareable, props={"iteration": iteration}, timeout=int(timeout or self.site_timeout),
                     result_received_cb=self._on_result)
-        self.ledger.record(site.name, "sent", name, data, iteration)
+        extra = {"wire_bytes": _wire_bytes(shareable)} if self.measure_wire_bytes else {}
+        self.ledger.record(site.name, "sent", name, data, iteration, extra=extra)
         self.broadcast(task, fl_ctx, targets=[site.name], min_responses=1)
         return task
 
@@ -209,10 +222,13 @@ class ModalityBankController(Controller):
             for iteration in range(self.start, total):
                 if abort_signal.triggered:
                     return
+                t_iter = time.perf_counter()
                 report = self._iteration(sites, iteration, abort_signal, fl_ctx)
+                t_iter = time.perf_counter() - t_iter
                 if report:
                     mean = {k: sum(r[k] for r in report.values()) / len(report) for k in ("d", "g_adv", "g_l1")}
-                    log.write(json.dumps({"iteration": iteration + 1, "losses": report, "mean": mean}) + "\n")
+                    log.write(json.dumps({"iteration": iteration + 1, "losses": report, "mean": mean,
+                                          "seconds": round(t_iter, 4)}) + "\n")
                     log.flush()
                     done = iteration + 1 - self.start
                     rate = (time.perf_counter() - t0) / done
@@ -248,7 +264,9 @@ class ModalityBankController(Controller):
                 site.active = False
                 continue
             data = from_shareable(result).data
-            self.ledger.record(name, "received", wire.TASK_STEP, data, iteration)
+            wire_bytes = result.get_header("wire_bytes")
+            self.ledger.record(name, "received", wire.TASK_STEP, data, iteration,
+                               extra={"wire_bytes": wire_bytes} if wire_bytes else None)
             grads = {m: wire.from_wire(data[wire.grad_key(m)]) for m in fakes}
             rejected = {m: r for m, f in fakes.items() if (r := check_gradient(grads[m], f, self.max_grad_norm))}
             if rejected:

@@ -26,10 +26,11 @@ class Ledger:
         self._lock = threading.Lock()
 
     def record(self, site: str, direction: str, task: str, data: dict[str, Any], iteration: int | None = None,
-               status: str = "passed", note: str = "") -> None:
+               status: str = "passed", note: str = "", extra: dict[str, Any] | None = None) -> None:
+        """One line per key of ``data``; ``extra`` (e.g. the serialised message size) goes on each line."""
         now = round(time.time(), 3)
         lines = [json.dumps({"time": now, "iteration": iteration, "site": site, "direction": direction, "task": task,
-                             **entry, "status": status, **({"note": note} if note else {})})
+                             **entry, "status": status, **({"note": note} if note else {}), **(extra or {})})
                  for entry in describe(data)] or [json.dumps({"time": now, "iteration": iteration, "site": site,
                                                               "direction": direction, "task": task, "key": None,
                                                               "status": status, "note": note})]
