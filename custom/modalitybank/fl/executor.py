@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from nvflare.apis.dxo import DXO, DataKind, from_shareable
 from nvflare.apis.executor import Executor
-from nvflare.apis.fl_constant import ReturnCode
+from nvflare.apis.fl_constant import FLContextKey, ReturnCode
 from nvflare.apis.fl_context import FLContext
 from nvflare.apis.shareable import Shareable, make_reply
 from nvflare.apis.signal import Signal
@@ -23,7 +23,7 @@ from nvflare.apis.signal import Signal
 from modalitybank import config
 from modalitybank.bank import atomic_save
 from modalitybank.fl import wire
-from modalitybank.gan import GanLoss, SiteBatch, site_step
+from modalitybank.gan import GanLoss, SiteBatch, SiteModel, site_step
 from modalitybank.training import BatchStream, TrainSettings, make_site_models
 
 __all__ = ["SiteExecutor"]
@@ -41,6 +41,9 @@ class SiteExecutor(Executor):
         cache_dir: slice cache; empty: next to the shared phantom cache.
         seed: batch order and initialisation.
         checkpoint_every: save the discriminators every so many iterations (in the site's workspace).
+        discriminator_bundle: the site-discriminator MONAI bundle its discriminators, optimisers and
+            loss weights are built from (absolute, or relative to the job's ``custom/`` folder);
+            empty: the package's defaults for the preset (the same figures).
         threads: torch threads of this process.
         faults: test hooks that make a site misbehave on purpose, by site name:
             ``{"site-2": {"leak_real": true}}``; kinds: ``leak_real``, ``nan_from: k``,
@@ -49,12 +52,13 @@ class SiteExecutor(Executor):
 
     def __init__(self, scale: str = "tiny", experiment: str = "multimodal", data_root: str = "",
                  cache_dir: str = "", seed: int = 0, checkpoint_every: int = 0, threads: int = 1,
+                 discriminator_bundle: str = "",
                  faults: dict[str, dict[str, Any]] | None = None) -> None:
         super().__init__()
         self.scale, self.experiment, self.seed = scale, experiment, seed
         self.data_root, self.cache_dir = data_root, cache_dir
         self.checkpoint_every = checkpoint_every or config.preset(scale)["train"]["checkpoint_every"]
-        self.threads = threads
+        self.threads, self.discriminator_bundle = threads, discriminator_bundle
         self.faults = faults or {}
         self._ready = False
 
@@ -75,9 +79,7 @@ class SiteExecutor(Executor):
                                    image_size=slices["image_size"], min_tumour_fraction=slices["min_tumour_fraction"],
                                    max_slices_per_case=slices["max_slices_per_case"])
         self.settings = TrainSettings.from_preset(self.scale, "bank", seed=self.seed)
-        self.model = make_site_models({self.site: self.modalities}, config.preset(self.scale)["model"],
-                                      self.settings)[self.site]
-        self.loss = GanLoss(lambda_l1=self.settings.lambda_l1)
+        self.model, self.loss = self._discriminators(fl_ctx)
         workspace = Path(fl_ctx.get_engine().get_workspace().get_root_dir())
         self.checkpoint = workspace / "modalitybank" / f"{self.experiment}-{self.scale}" / "discriminators.pt"
         if self.checkpoint.is_file():
@@ -91,6 +93,21 @@ class SiteExecutor(Executor):
         self.log_info(fl_ctx, f"site {self.site} = centre {centre}: {len(self.dataset)} slices of "
                       f"{len(self.dataset.case_ids)} cases, modalities {self.modalities}")
         self._ready = True
+
+    def _discriminators(self, fl_ctx: FLContext) -> tuple[SiteModel, GanLoss]:
+        """One discriminator and optimiser per modality, from the site-discriminator bundle if given."""
+        if not self.discriminator_bundle:
+            model = make_site_models({self.site: self.modalities}, config.preset(self.scale)["model"], self.settings)
+            return model[self.site], GanLoss(lambda_l1=self.settings.lambda_l1)
+        from modalitybank.bundle import site_discriminator_from_bundle
+
+        bundle = Path(self.discriminator_bundle)
+        if not bundle.is_absolute():
+            bundle = Path(fl_ctx.get_prop(FLContextKey.APP_ROOT)) / "custom" / bundle
+        built = {m: site_discriminator_from_bundle(bundle, {"scale": self.scale}) for m in self.modalities}
+        self.log_info(fl_ctx, f"discriminators built from the bundle {bundle}")
+        model = SiteModel({m: b[0] for m, b in built.items()}, {m: b[1] for m, b in built.items()})
+        return model, built[self.modalities[0]][2]
 
     def _next_masks(self) -> np.ndarray:
         self.pending = next(self.stream)
