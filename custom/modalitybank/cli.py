@@ -96,6 +96,26 @@ def cmd_fl_simulate(a: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
+def _fl_deploy(run: Any, a: argparse.Namespace) -> dict[str, Any]:
+    result = run(a.workdir, a.job, scale=a.scale, rounds=a.rounds, ports=tuple(a.ports) if a.ports else None,
+                 timeout=a.timeout, progress=not a.quiet, data_root=str(a.data.resolve()) if a.data else None,
+                 cache_dir=str(a.cache_dir.resolve()) if a.cache_dir else None,
+                 pretrained=str(a.pretrained.resolve()) if a.pretrained else None)
+    return {k: result[k] for k in ("checkpoint", "ledgers", "rounds", "sites", "seconds", "job_id")}
+
+
+def cmd_fl_poc(a: argparse.Namespace) -> dict[str, Any]:
+    from modalitybank.fl.deploy import run_poc
+
+    return _fl_deploy(run_poc, a)
+
+
+def cmd_fl_provision(a: argparse.Namespace) -> dict[str, Any]:
+    from modalitybank.fl.deploy import run_provisioned
+
+    return _fl_deploy(run_provisioned, a)
+
+
 def cmd_bench_fl(a: argparse.Namespace) -> dict[str, Any]:
     from modalitybank.bench import bench_fl
 
@@ -236,6 +256,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true")
     p.add_argument("--json", action="store_true")
     p.set_defaults(fn=cmd_fl_simulate)
+    for name, fn, text in (
+            ("poc", cmd_fl_poc, "a POC federation on localhost (server, hospital-a/b/c, admin; nvflare poc): "
+             "prepare, start, submit the job, wait, download the result, stop"),
+            ("provision", cmd_fl_provision, "provision jobs/project/provision.yml (mutual TLS), start every kit on "
+             "localhost, submit the job with the admin kit, wait, download, shut down")):
+        p = fl.add_parser(name, help=text)
+        p.add_argument("--workdir", type=Path, required=True, help="project file, kits, job copy, result, logs")
+        p.add_argument("--job", default="modalitybank_multimodal", help="job name in jobs/ or a job folder")
+        p.add_argument("--scale", default="tiny", choices=config.scales())
+        p.add_argument("--rounds", type=int, default=None, help="iterations (GAN jobs) or rounds (FedAvg)")
+        p.add_argument("--data", type=Path, default=None, help="BraTS-layout folder of the sites (default: the phantom)")
+        p.add_argument("--cache-dir", type=Path, default=None)
+        p.add_argument("--pretrained", type=Path, default=None, help="pre-trained generator folder (default: built once)")
+        p.add_argument("--ports", type=int, nargs=2, metavar=("FED", "ADMIN"), default=None,
+                       help="server ports on 127.0.0.1 (default: the project file's, or free ones if taken)")
+        p.add_argument("--timeout", type=float, default=1800.0, help="seconds the job may take")
+        p.add_argument("--quiet", action="store_true")
+        p.add_argument("--json", action="store_true")
+        p.set_defaults(fn=fn)
 
     p = sub.add_parser("demo", help="the main job: phantom -> pre-train -> bank on NVFlare (3 sites) -> figures, "
                        "synthetic and completed cases")

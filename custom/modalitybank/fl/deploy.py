@@ -28,7 +28,10 @@ import socket
 import ssl
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +39,7 @@ import yaml
 
 from modalitybank.fl.jobs import JOBS_DIR, find_job, prepare_job
 
-__all__ = ["ADMIN", "PROJECT_FILE", "SITES", "foreign_ca_check", "listening", "provision", "run_poc",
+__all__ = ["ADMIN", "PROJECT_FILE", "SITES", "drop_unsubmittable", "foreign_ca_check", "listening", "provision", "run_poc",
            "run_provisioned", "start_kit", "stop_all", "submit_job", "tls_probe", "wait_for_clients",
            "write_project"]
 
@@ -44,6 +47,23 @@ PROJECT_FILE = JOBS_DIR / "project" / "provision.yml"
 SERVER = "localhost"
 SITES = ("hospital-a", "hospital-b", "hospital-c")
 ADMIN = "admin@modalitybank.org"
+
+
+@contextmanager
+def _stoppable() -> Iterator[None]:
+    """Turn SIGTERM into an exception while the block runs, so that its ``finally`` stops the federation."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def _raise(signum: int, frame: Any) -> None:
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, _raise)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _say(progress: bool, message: str) -> None:
@@ -131,6 +151,7 @@ def nvflare(args: list[str], env: dict[str, str], workdir: Path, timeout: float,
     logs.mkdir(parents=True, exist_ok=True)
     cmd = [_nvflare_exe()] + (["--format", "json"] if as_json else []) + args
     out_path, err_path = logs / "nvflare.out", logs / "nvflare.err"
+    t0 = time.perf_counter()
     with open(out_path, "w") as out, open(err_path, "w") as err:
         try:
             rc = subprocess.run(cmd, stdout=out, stderr=err, stdin=subprocess.DEVNULL, env=env, cwd=workdir,
@@ -139,7 +160,7 @@ def nvflare(args: list[str], env: dict[str, str], workdir: Path, timeout: float,
             rc = None
     text, err_text = out_path.read_text(), err_path.read_text()
     with open(logs / "nvflare-cli.log", "a") as log:
-        log.write(f"$ {' '.join(cmd)}\n{text}{err_text}[exit {rc}]\n\n")
+        log.write(f"$ {' '.join(cmd)}\n{text}{err_text}[exit {rc}, {time.perf_counter() - t0:.1f} s]\n\n")
     if rc is None:
         raise RuntimeError(f"`nvflare {' '.join(args[:3])}` did not finish in {timeout:.0f} s; see {logs}/nvflare-cli.log")
     envelope: dict[str, Any] = {}
@@ -158,7 +179,10 @@ def nvflare(args: list[str], env: dict[str, str], workdir: Path, timeout: float,
 # -- processes ------------------------------------------------------------------------------
 
 def _pids_under(root: Path) -> list[int]:
-    """Processes whose command line or working directory lies inside ``root`` (not this one or its parents)."""
+    """Processes whose command line names a path inside ``root`` (not this one or its parents).
+
+    Every NVFlare process of a kit carries its workspace (``-m <kit>``, ``<kit>/startup/sub_start.sh``).
+    """
     me, parents, pid = os.getpid(), set(), os.getpid()
     while pid > 1:
         parents.add(pid)
@@ -171,11 +195,10 @@ def _pids_under(root: Path) -> list[int]:
         if not entry.name.isdigit() or int(entry.name) in parents or int(entry.name) == me:
             continue
         try:
-            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            cwd = os.readlink(entry / "cwd")
+            args = (entry / "cmdline").read_bytes().decode(errors="replace").split("\0")
         except OSError:
             continue
-        if root_s in cmdline or cwd == root_s or cwd.startswith(root_s + os.sep):
+        if any(a == root_s or a.startswith(root_s + os.sep) for a in args):
             found.append(int(entry.name))
     return found
 
@@ -376,7 +399,15 @@ def stop_all(procs: dict[str, subprocess.Popen], admin_kit: Path | None, env: di
 def submit_job(job_dir: Path, admin_kit: Path, env: dict[str, str], workdir: Path, timeout: float,
                server_kit: Path, progress: bool = True) -> tuple[str, Path]:
     """Submit, wait (showing the server's iterations), download; returns the job id and its downloaded folder."""
-    job_id = nvflare(["job", "submit", "-j", job_dir, "--startup-kit", admin_kit], env, workdir, timeout=180)["data"]["job_id"]
+    try:
+        job_id = nvflare(["job", "submit", "-j", job_dir, "--startup-kit", admin_kit], env, workdir,
+                         timeout=180)["data"]["job_id"]
+    except RuntimeError as err:
+        if "parse file" in str(err):  # nvflare 2.9 reads every .json/.conf/.yml/... under app/custom as a config
+            raise RuntimeError(f"{err}\n`nvflare job submit` parses every config-like file (.json, .conf, .yml, "
+                               f"...) under the job's app*/custom/ with pyhocon: drop or rename the file named "
+                               f"above in {job_dir}") from err
+        raise
     _say(progress, f"job {job_id} submitted")
     cmd = [_nvflare_exe(), "--format", "json", "job", "wait", job_id, "--timeout", str(int(timeout)), "--interval", "2",
            "--startup-kit", str(admin_kit)]
@@ -391,7 +422,7 @@ def submit_job(job_dir: Path, admin_kit: Path, env: dict[str, str], workdir: Pat
                 lines = _tail(server_log, 10**7).splitlines()
                 for line in lines[seen:]:
                     if re.search(r"iteration \d+/\d+|joined|could not join|is back|round \d+|ERROR", line):
-                        _say(progress, line.rstrip()[-200:])
+                        _say(progress, line.rstrip().rsplit("] - ", 1)[-1][:200])
                 seen = len(lines)
                 time.sleep(1)
         finally:
@@ -436,14 +467,39 @@ def _collect(job_id: str, download: Path, kits: Path, job_dir: Path) -> dict[str
             "sites": sites, "job_id": job_id}
 
 
-def _prepare(job: str | Path, workdir: Path, scale: str, rounds: int | None, updates: dict[str, Any]) -> Path:
+def _prepare(job: str | Path, workdir: Path, scale: str, rounds: int | None, updates: dict[str, Any],
+             progress: bool = True) -> Path:
     name = find_job(job).name
-    return prepare_job(job, workdir / "job" / name, scale=scale, iterations=rounds, num_rounds=rounds,
-                       checkpoint_dir="checkpoint", **updates)
+    job_dir = prepare_job(job, workdir / "job" / name, scale=scale, iterations=rounds, num_rounds=rounds,
+                          checkpoint_dir="checkpoint", **updates)
+    dropped = drop_unsubmittable(job_dir)
+    if dropped:
+        _say(progress, f"left out of the submitted job (not HOCON, `nvflare job submit` cannot index them): {dropped}")
+    return job_dir
+
+
+def drop_unsubmittable(job_dir: Path) -> list[str]:
+    """Delete from a prepared job copy the ``.conf`` files under ``app*/custom/`` that are not HOCON.
+
+    ``nvflare job submit`` (2.9) parses every config-like file under a job's ``custom/`` folder with
+    pyhocon and refuses the job if one fails; a MONAI bundle's ``configs/logging.conf`` (Python
+    logging, INI syntax) does. Our code never reads those files; the simulator does not index them.
+    """
+    from pyhocon import ConfigFactory
+
+    dropped = []
+    for path in sorted(job_dir.glob("*/custom/**/*.conf")):
+        try:
+            ConfigFactory.parse_file(str(path))
+        except Exception:
+            path.unlink()
+            dropped.append(str(path.relative_to(job_dir)))
+    return dropped
 
 
 # -- the two federations --------------------------------------------------------------------
 
+@_stoppable()
 def run_poc(workdir: str | Path, job: str | Path = "modalitybank_multimodal", scale: str = "tiny",
             rounds: int | None = None, ports: tuple[int, int] | None = None, timeout: float = 1800.0,
             progress: bool = True, **updates: Any) -> dict[str, Any]:
@@ -458,7 +514,7 @@ def run_poc(workdir: str | Path, job: str | Path = "modalitybank_multimodal", sc
     poc = workdir / "poc"
     env = _env(workdir, NVFLARE_POC_WORKSPACE=str(poc))
     project = write_project(workdir / "project.yml", ports)
-    job_dir = _prepare(job, workdir, scale, rounds, updates)
+    job_dir = _prepare(job, workdir, scale, rounds, updates, progress)
     name = _project(project)["name"]
     started = False
     try:
@@ -485,6 +541,7 @@ def run_poc(workdir: str | Path, job: str | Path = "modalitybank_multimodal", sc
     return result | {"seconds": round(time.perf_counter() - t0, 1), "listening": sockets}
 
 
+@_stoppable()
 def run_provisioned(workdir: str | Path, job: str | Path = "modalitybank_multimodal", scale: str = "tiny",
                     rounds: int | None = None, ports: tuple[int, int] | None = None, timeout: float = 1800.0,
                     progress: bool = True, **updates: Any) -> dict[str, Any]:
@@ -495,7 +552,7 @@ def run_provisioned(workdir: str | Path, job: str | Path = "modalitybank_multimo
     env = _env(workdir)
     project = write_project(workdir / "project.yml", ports)
     fed_port, _ = _server_ports(_project(project))
-    job_dir = _prepare(job, workdir, scale, rounds, updates)
+    job_dir = _prepare(job, workdir, scale, rounds, updates, progress)
     root = workdir / "kits"
     if root.exists():
         kill_leftovers(root, grace=0)
@@ -539,6 +596,7 @@ def tls_probe(port: int, ca: Path, cert: Path | None = None, key: Path | None = 
         return f"{type(err).__name__}: {err}"
 
 
+@_stoppable()
 def foreign_ca_check(workdir: str | Path, site: str = "hospital-a", ports: tuple[int, int] | None = None,
                      wait: float = 90.0, progress: bool = True) -> dict[str, Any]:
     """Start the server of provisioning A and ``site`` from provisioning B (same project, another root CA).

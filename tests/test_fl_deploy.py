@@ -1,0 +1,74 @@
+"""Real federations on localhost: POC, provisioned with mutual TLS, and a kit of another CA refused.
+
+Each test starts real NVFlare server and client processes (ports on 127.0.0.1, free ones if the
+project file's are taken) and stops them itself, on failure too.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from modalitybank.fl.deploy import SITES, drop_unsubmittable, foreign_ca_check, run_poc, run_provisioned
+from modalitybank.store import load_generator
+from modalitybank.training import pretrain
+
+pytestmark = [pytest.mark.slow, pytest.mark.deploy]
+
+
+@pytest.fixture(scope="module")
+def pretrained(phantom_root, cache_dir, tmp_path_factory) -> Path:
+    run = tmp_path_factory.mktemp("deploy_pretrain")
+    pretrain(run, phantom_root, scale="tiny", cache_dir=cache_dir, progress=False, iterations=10)
+    return run
+
+
+def _check(result: dict, workdir: Path, rounds: int) -> None:
+    assert result["rounds"] == rounds and result["sites"] == list(SITES)
+    checkpoint = Path(result["checkpoint"])
+    assert checkpoint.is_relative_to(workdir / "result")  # downloaded with the job's result
+    assert sorted(load_generator(checkpoint).bank.modalities) == ["flair", "t1", "t2"]
+    assert sorted(p.stem for p in (checkpoint / "entries").glob("*.pt")) == ["flair", "t1", "t2"]
+    server_ledger = Path(result["ledgers"][0])
+    assert server_ledger.is_relative_to(workdir / "result") and len(result["ledgers"]) == 1 + len(SITES)
+    entries = [json.loads(line) for line in server_ledger.read_text().splitlines()]
+    assert {e["site"] for e in entries} == set(SITES) and max(e["iteration"] for e in entries) == rounds - 1
+    # the server and the sites listen on loopback only
+    assert result["listening"] and all(s["address"] == "127.0.0.1" for s in result["listening"])
+
+
+def test_poc_federation(phantom_root, pretrained, tmp_path) -> None:
+    result = run_poc(tmp_path, "modalitybank_multimodal", scale="tiny", rounds=3, progress=False,
+                     data_root=str(phantom_root), pretrained=str(pretrained))
+    _check(result, tmp_path, 3)
+    assert (tmp_path / "home" / ".nvflare" / "config.conf").is_file()  # nvflare's registry went to our HOME
+
+
+def test_provisioned_federation(phantom_root, pretrained, tmp_path) -> None:
+    result = run_provisioned(tmp_path, "modalitybank_multimodal", scale="tiny", rounds=3, progress=False,
+                             data_root=str(phantom_root), pretrained=str(pretrained))
+    _check(result, tmp_path, 3)
+    fed = json.loads(next((tmp_path / "kits").rglob("localhost/startup/fed_server.json")).read_text())
+    assert fed["servers"][0]["connection_security"] == "mtls"
+
+
+def test_client_of_another_ca_is_refused(tmp_path) -> None:
+    result = foreign_ca_check(tmp_path, progress=False)
+    assert result["client_error"] and "CERTIFICATE_VERIFY_FAILED" in result["client_error"]
+    assert "hospital-a" not in result["clients_with_foreign"] and not result["server_saw_client"]
+    assert result["probes"]["own_certificate"] == "answered"  # the probe reaches the server
+    assert result["probes"]["foreign_certificate"] != "answered"  # B's certificate, even trusting A's CA
+    assert result["probes"]["no_certificate"] != "answered"
+    assert result["clients_with_own"] == ["hospital-a"]  # control: the same site with its own kit joins
+    assert result["refused"]
+
+
+def test_job_copy_leaves_out_what_job_submit_cannot_index(tmp_path) -> None:
+    custom = tmp_path / "app" / "custom" / "bundle" / "configs"
+    custom.mkdir(parents=True)
+    (custom / "logging.conf").write_text("[loggers]\nkeys=root\n")  # a MONAI bundle's Python logging file
+    (custom / "settings.conf").write_text("a { b = 1 }\n")  # HOCON: stays
+    assert drop_unsubmittable(tmp_path) == ["app/custom/bundle/configs/logging.conf"]
+    assert (custom / "settings.conf").is_file()
