@@ -4,7 +4,7 @@
 #      torch 2.14.1 and numpy 1.26, ~8 GB, a few minutes; reused when present);
 #   2. the monaibundle sample app (copied from the wheel) with bundles/tumor_segmentation in app/model/;
 #   3. studies: two phantom cases as 3-channel NIfTI (T1c, T2, FLAIR) with their labels;
-#   4. start the server, POST /infer (checks the label map: the image's shape, labels {0, 1}),
+#   4. start the server, POST /infer (checks the label map: the image's shape, labels {0, 1}, overlap with the tumour),
 #      POST /train (one epoch; checks a new model.pt), stop the server.
 #
 # Usage: tools/monailabel_check.sh [WORKDIR]       (default: $TMPDIR/modalitybank_monailabel)
@@ -84,15 +84,19 @@ EOF
 
 step "5/5 /infer and /train"
 curl -sf -X POST "$URL/infer/$MODEL?image=$CASE&output=image" -F 'params={"device": "cpu"}' -o "$WORK/pred.nii.gz"
-"$VENV/bin/python" - "$WORK/pred.nii.gz" "$STUDIES/$CASE.nii.gz" <<'EOF'
+"$VENV/bin/python" - "$WORK/pred.nii.gz" "$STUDIES/$CASE.nii.gz" "$STUDIES/labels/final/$CASE.nii.gz" <<'EOF'
 import sys
 import nibabel as nib
 import numpy as np
-pred, image = nib.load(sys.argv[1]), nib.load(sys.argv[2])
+pred, image, truth = nib.load(sys.argv[1]), nib.load(sys.argv[2]), nib.load(sys.argv[3])
 values = np.unique(np.asarray(pred.dataobj))
 print("infer:", pred.shape, "labels", values.tolist(), "| image", image.shape)
 assert pred.shape == image.shape[:3] and set(values.tolist()) <= {0, 1}
 assert np.allclose(pred.affine, image.affine, atol=1e-3)
+p, t = np.asarray(pred.dataobj) > 0, np.asarray(truth.dataobj) > 0
+dice = 2 * (p & t).sum() / max(p.sum() + t.sum(), 1)
+print(f"infer: whole-tumour Dice against the case's label {dice:.3f}")
+assert (p & t).sum() > 0, "the returned label does not overlap the tumour"
 EOF
 curl -sf -X POST "$URL/train/$MODEL?run_sync=true" -H "Content-Type: application/json" \
     -d '{"max_epochs": 1, "val_split": 0.5, "device": "cpu", "pretrained": true}' > "$WORK/train.json"
