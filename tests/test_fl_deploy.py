@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from modalitybank.fl.deploy import SITES, drop_unsubmittable, foreign_ca_check, run_poc, run_provisioned
+from modalitybank.fl.deploy import SITES, drop_unsubmittable, run_poc, run_provisioned
+from modalitybank.fl.trust import foreign_ca_check
 from modalitybank.store import load_generator
 from modalitybank.training import pretrain
 
