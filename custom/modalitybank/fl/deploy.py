@@ -118,6 +118,15 @@ def write_project(path: str | Path, ports: tuple[int, int] | None = None, templa
     return path
 
 
+def open_workdir(workdir: str | Path, ports: tuple[int, int] | None) -> tuple[Path, dict[str, str], Path, int]:
+    """The resolved work folder, the NVFlare CLI's environment, the project file written there and
+    the server's federated-learning port."""
+    workdir = Path(workdir).resolve()
+    workdir.mkdir(parents=True, exist_ok=True)
+    project = write_project(workdir / "project.yml", ports)
+    return workdir, cli_env(workdir), project, server_ports(read_project(project))[0]
+
+
 def read_project(path: Path) -> dict[str, Any]:
     return yaml.safe_load(path.read_text())
 
@@ -406,11 +415,7 @@ def run_provisioned(workdir: str | Path, job: str | Path = "modalitybank_multimo
                     progress: bool = True, **updates: Any) -> dict[str, Any]:
     """Provision the project (mutual TLS) into ``workdir/kits``, start every kit, run ``job`` once, shut down."""
     t0 = time.perf_counter()
-    workdir = Path(workdir).resolve()
-    workdir.mkdir(parents=True, exist_ok=True)
-    env = cli_env(workdir)
-    project = write_project(workdir / "project.yml", ports)
-    fed_port, _ = server_ports(read_project(project))
+    workdir, env, project, fed_port = open_workdir(workdir, ports)
     job_dir = _prepare(job, workdir, scale, rounds, updates, progress)
     root = workdir / "kits"
     if root.exists():

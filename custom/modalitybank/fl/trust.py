@@ -16,18 +16,16 @@ from modalitybank.fl.deploy import (
     ADMIN,
     SERVER,
     connected_clients,
+    open_workdir,
     provision,
-    read_project,
     say,
-    server_ports,
     start_kit,
     stop_all,
     stoppable,
     wait_for_clients,
     wait_for_port,
-    write_project,
 )
-from modalitybank.fl.processes import cli_env, kill_leftovers, log_tail
+from modalitybank.fl.processes import kill_leftovers, log_tail
 
 __all__ = ["foreign_ca_check", "tls_probe"]
 
@@ -61,11 +59,7 @@ def foreign_ca_check(workdir: str | Path, site: str = "hospital-a", ports: tuple
     as a control, ``clients_with_own`` once ``site`` runs from its genuine kit A.
     """
     t0 = time.perf_counter()
-    workdir = Path(workdir).resolve()
-    workdir.mkdir(parents=True, exist_ok=True)
-    env = cli_env(workdir)
-    project = write_project(workdir / "project.yml", ports)
-    fed_port, _ = server_ports(read_project(project))
+    workdir, env, project, fed_port = open_workdir(workdir, ports)
     roots = {"a": workdir / "ca-a", "b": workdir / "ca-b"}
     for root in roots.values():
         if root.exists():
