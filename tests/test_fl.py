@@ -88,3 +88,41 @@ def test_site_that_stops_answering_is_set_aside_and_taken_back(phantom_root, cac
     assert "site site-3 is back" in log
     metrics = [json.loads(line) for line in (Path(result["checkpoint"]) / "metrics.jsonl").read_text().splitlines()]
     assert result["rounds"] == 14 and any("site-3/t1" in m["losses"] for m in metrics[3:])
+
+
+def _worker_pid(workspace: Path, site: str) -> int | None:
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                cmd = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+            except OSError:
+                continue
+            if "simulator_worker" in cmd and f"{workspace}/{site} " in cmd + " ":
+                return int(proc.name)
+    return None
+
+
+def test_site_killed_mid_training_is_named_and_the_run_goes_on(phantom_root, cache_dir, pretrained, tmp_path) -> None:
+    """kill -9 of a site's process in the middle of training: the server says so and finishes with the others."""
+    import os
+    import signal
+    import threading
+    import time
+
+    out: dict = {}
+    runner = threading.Thread(target=lambda: out.update(_run(
+        "modalitybank_multimodal", tmp_path, phantom_root, cache_dir, pretrained, rounds=30, site_timeout=5)))
+    runner.start()
+    log = tmp_path / "simulator.log"
+    deadline = time.time() + 300
+    while time.time() < deadline and not (log.is_file() and "iteration 5/30" in log.read_text()):
+        time.sleep(0.5)
+    pid = _worker_pid(tmp_path / "workspace", "site-3")
+    assert pid is not None, "site-3's simulator process not found"
+    os.kill(pid, signal.SIGKILL)
+    runner.join(timeout=600)
+    text = log.read_text()
+    assert out["rounds"] == 30
+    assert "site site-3 at iteration" in text and "no answer in time; going on with ['site-1', 'site-2']" in text
+    metrics = [json.loads(line) for line in (Path(out["checkpoint"]) / "metrics.jsonl").read_text().splitlines()]
+    assert "site-3/t1" not in metrics[-1]["losses"] and "site-1/t1" in metrics[-1]["losses"]
