@@ -17,6 +17,9 @@ test: install
 	ruff check custom tests
 	$(PYTHON) -m pytest -q
 
+# The figures of the README's results table.
 bench: install
 	modalitybank params --json
+	modalitybank params --scale paper --json
 	modalitybank bench layers --json
+	modalitybank bench fl --json
