@@ -8,15 +8,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
 from modalitybank import config
+from modalitybank.data.default import CACHE_ROOT  # the shared cache ($MODALITYBANK_HOME)
 
-DEFAULT_CACHE = Path(os.environ.get("MODALITYBANK_CACHE", Path.home() / ".cache" / "modalitybank" / "slices"))
+DEFAULT_CACHE = CACHE_ROOT / "slices"
 
 
 def _emit(result: dict[str, Any], as_json: bool) -> None:
