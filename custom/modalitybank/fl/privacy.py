@@ -89,11 +89,17 @@ def check_result(task: str, sent: Manifest, result: dict[str, Any]) -> list[str]
     return problems
 
 
+_ledgers: dict[Path, Ledger] = {}
+
+
 def ledger_for(fl_ctx: FLContext) -> Ledger:
-    """The site's ledger for this job, in the job's run directory."""
+    """The site's ledger for this job, in the job's run directory (one object per file)."""
     engine = fl_ctx.get_engine()
-    run_dir = Path(engine.get_workspace().get_run_dir(fl_ctx.get_job_id()))
-    return Ledger(run_dir / LEDGER_FILE)
+    path = Path(engine.get_workspace().get_run_dir(fl_ctx.get_job_id())) / LEDGER_FILE
+    with _sent_lock:
+        if path not in _ledgers:
+            _ledgers[path] = Ledger(path)
+        return _ledgers[path]
 
 
 def _task_info(fl_ctx: FLContext, shareable: Shareable) -> tuple[str, str, int | None]:
