@@ -166,7 +166,7 @@ def synthesize_items(generator: ResnetGenerator, items: Sequence[Mapping[str, An
     import nibabel as nib
     import numpy as np
 
-    from modalitybank.data.brats import BratsDataError
+    from modalitybank.data.brats_cases import BratsDataError, check_labels
     from modalitybank.synthesis import synthesize_volume
 
     written = []
@@ -178,9 +178,7 @@ def synthesize_items(generator: ResnetGenerator, items: Sequence[Mapping[str, An
         seg = np.asarray(label_img.dataobj)
         if seg.ndim != 3:
             raise BratsDataError(f"{label_path}: expected a 3D label map, got shape {seg.shape}")
-        bad = sorted(set(np.unique(seg).tolist()) - set(config.BRATS_LABELS))
-        if bad:
-            raise BratsDataError(f"{label_path}: labels outside {{0,1,2,4}} present: {bad[:10]}")
+        check_labels(seg, label_path)
         brain_path = Path(item["brain"])
         brain = np.asarray(nib.load(str(brain_path)).dataobj)
         if brain.shape != seg.shape:

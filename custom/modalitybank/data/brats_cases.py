@@ -19,6 +19,7 @@ __all__ = [
     "BratsDataError",
     "CaseRecord",
     "centre_of",
+    "check_labels",
     "load_case",
     "scan_cases",
     "split_cases",
@@ -225,6 +226,24 @@ def _read_nifti(path: Path, what: str, *, as_float: bool) -> tuple[np.ndarray, n
     return data, affine
 
 
+def check_labels(seg: np.ndarray, path: Path) -> None:
+    """Raise :class:`BratsDataError` naming ``path`` if ``seg`` holds anything but BraTS labels {0, 1, 2, 4}."""
+    if not np.issubdtype(seg.dtype, np.integer):
+        bad = ~np.isfinite(seg)
+        if bad.any():
+            raise BratsDataError(f"{path}: segmentation has {int(bad.sum())} non-finite values")
+        frac = seg != np.round(seg)
+        if frac.any():
+            shown = np.unique(seg[frac])[:10].tolist()
+            raise BratsDataError(f"{path}: labels outside {{0,1,2,4}} present (non-integer): {shown}")
+    bad_values = [v.item() for v in np.unique(seg) if v.item() not in config.BRATS_LABELS]
+    if bad_values:
+        shown = [int(v) if float(v).is_integer() else v for v in bad_values[:10]]
+        raise BratsDataError(
+            f"{path}: labels outside {{0,1,2,4}} present: {shown} (allowed: {list(config.BRATS_LABELS)})"
+        )
+
+
 def load_case(
     record: CaseRecord, modalities: Sequence[str]
 ) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:
@@ -241,21 +260,7 @@ def load_case(
     modalities = _check_modalities(modalities)
     seg_path = record.files.get("seg", record.expected_file("seg"))
     seg_raw, affine = _read_nifti(seg_path, f"segmentation of case {record.case_id}", as_float=False)
-    if not np.issubdtype(seg_raw.dtype, np.integer):
-        bad = ~np.isfinite(seg_raw)
-        if bad.any():
-            raise BratsDataError(f"{seg_path}: segmentation has {int(bad.sum())} non-finite values")
-        frac = seg_raw != np.round(seg_raw)
-        if frac.any():
-            shown = np.unique(seg_raw[frac])[:10].tolist()
-            raise BratsDataError(f"{seg_path}: labels outside {{0,1,2,4}} present (non-integer): {shown}")
-    values = np.unique(seg_raw)
-    bad_values = [v.item() for v in values if v.item() not in config.BRATS_LABELS]
-    if bad_values:
-        shown = [int(v) if float(v).is_integer() else v for v in bad_values[:10]]
-        raise BratsDataError(
-            f"{seg_path}: labels outside {{0,1,2,4}} present: {shown} (allowed: {list(config.BRATS_LABELS)})"
-        )
+    check_labels(seg_raw, seg_path)
     seg = seg_raw.astype(np.uint8)
 
     images: dict[str, np.ndarray] = {}
