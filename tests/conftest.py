@@ -1,4 +1,5 @@
-"""Shared fixtures: one small phantom for the whole session (real MNI anatomy, tiny scale)."""
+"""Shared fixtures: one small phantom (real MNI anatomy, tiny scale) and one generator pre-trained on
+it, for the whole session."""
 
 from __future__ import annotations
 
@@ -24,3 +25,13 @@ def phantom_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("slice_cache")
+
+
+@pytest.fixture(scope="session")
+def pretrained(phantom_root: Path, cache_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A generator pre-trained for 30 iterations on the phantom's LGG-like T1c source set."""
+    from modalitybank.training import pretrain
+
+    run = tmp_path_factory.mktemp("pretrain")
+    pretrain(run, phantom_root, scale="tiny", cache_dir=cache_dir, progress=False, iterations=30)
+    return run

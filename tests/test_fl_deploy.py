@@ -14,16 +14,8 @@ import pytest
 from modalitybank.fl.deploy import SITES, drop_unsubmittable, run_poc, run_provisioned
 from modalitybank.fl.trust import foreign_ca_check
 from modalitybank.store import load_generator
-from modalitybank.training import pretrain
 
 pytestmark = [pytest.mark.slow, pytest.mark.deploy]
-
-
-@pytest.fixture(scope="module")
-def pretrained(phantom_root, cache_dir, tmp_path_factory) -> Path:
-    run = tmp_path_factory.mktemp("deploy_pretrain")
-    pretrain(run, phantom_root, scale="tiny", cache_dir=cache_dir, progress=False, iterations=10)
-    return run
 
 
 def _check(result: dict, workdir: Path, rounds: int) -> None:

@@ -12,16 +12,9 @@ import torch
 from modalitybank.data.brats import SiteDataset
 from modalitybank.store import load_generator
 from modalitybank.synthesis import evaluate_generator, synthesize_cases
-from modalitybank.training import pretrain, train_bank
+from modalitybank.training import train_bank
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def pretrained(phantom_root, cache_dir, tmp_path_factory):
-    run = tmp_path_factory.mktemp("pretrain")
-    pretrain(run, phantom_root, scale="tiny", cache_dir=cache_dir, progress=False, iterations=30)
-    return run
 
 
 @pytest.fixture(scope="module")

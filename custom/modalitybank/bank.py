@@ -9,6 +9,7 @@ entry into a plain network for inference.
 from __future__ import annotations
 
 import copy
+import json
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -19,7 +20,7 @@ from torch import nn
 
 from modalitybank.layers import MAdaFMConv
 
-__all__ = ["ModalityBank", "atomic_save"]
+__all__ = ["ModalityBank", "atomic_save", "atomic_write_json"]
 
 ENTRY_FORMAT = "modalitybank.entry/1"
 BASE_FORMAT = "modalitybank.base/1"
@@ -31,6 +32,16 @@ def atomic_save(obj: object, path: str | Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     torch.save(obj, tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def atomic_write_json(obj: object, path: str | Path) -> Path:
+    """JSON to a temporary file, then rename (as :func:`atomic_save`)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2))
     os.replace(tmp, path)
     return path
 
@@ -100,6 +111,19 @@ class ModalityBank:
                 p.requires_grad_(False)
         for layer in self.layers.values():
             layer.freeze_base()
+
+    def learn(self, names: list[str]) -> list[nn.Parameter]:
+        """Get ready to learn entries ``names``: add those missing, freeze the base and every other
+        entry, and return the parameters of ``names`` (what the optimiser takes)."""
+        for name in names:
+            if name not in self.modalities:
+                self.add(name)
+        self.freeze_base()
+        for name in self.modalities:
+            if name not in names:
+                for p in self.entry_parameters(name):
+                    p.requires_grad_(False)
+        return [p for name in names for p in self.entry_parameters(name)]
 
     def entry_parameters(self, name: str) -> list[nn.Parameter]:
         """The parameters of entry ``name`` across all layers (what an optimiser of that entry takes)."""

@@ -112,10 +112,7 @@ def bench_fl(scale: str = "small", iterations: int = 30, warmup: int = 5, workdi
     # single process: every site's discriminators beside the generator
     settings = TrainSettings.from_preset(scale, "bank", iterations=iterations)
     generator = load_generator(pretrained)
-    for m in exp["targets"]:
-        generator.bank.add(m)
-    generator.bank.freeze_base()
-    optimizer = settings.adam([q for m in exp["targets"] for q in generator.bank.entry_parameters(m)])
+    optimizer = settings.adam(generator.bank.learn(exp["targets"]))
     sites = make_site_models(exp["sites"], p["model"], settings)
     datasets = site_datasets(data, experiment, scale, cache_dir=cache)
     streams = {s: BatchStream(datasets[s], settings.batch_size, i) for i, s in enumerate(exp["sites"])}

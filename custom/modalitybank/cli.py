@@ -87,20 +87,26 @@ def cmd_bench_layers(a: argparse.Namespace) -> dict[str, Any]:
 def cmd_fl_simulate(a: argparse.Namespace) -> dict[str, Any]:
     from modalitybank.fl.jobs import simulate
 
-    faults = json.loads(a.faults) if a.faults else None
     result = simulate(a.job, a.workdir, scale=a.scale, rounds=a.rounds, n_clients=a.n_clients, progress=not a.quiet,
-                      data_root=str(a.data.resolve()) if a.data else None,
+                      with_code=a.with_code, data_root=str(a.data.resolve()) if a.data else None,
                       cache_dir=str(a.cache_dir.resolve()) if a.cache_dir else None, wire_dtype=a.wire_dtype,
-                      faults=faults)
+                      pretrained=str(a.pretrained.resolve()) if a.pretrained else None)
     result.pop("log")
     return result
+
+
+def cmd_fl_export_jobs(a: argparse.Namespace) -> dict[str, Any]:
+    from modalitybank.fl.jobs import app
+
+    paths = app().export_jobs(a.out, a.job, with_code=a.with_code, scale=a.scale, rounds=a.rounds)
+    return {"jobs": [str(p) for p in paths], "with_code": a.with_code}
 
 
 def _fl_deploy(run: Any, a: argparse.Namespace) -> dict[str, Any]:
     result = run(a.workdir, a.job, scale=a.scale, rounds=a.rounds, ports=tuple(a.ports) if a.ports else None,
                  timeout=a.timeout, progress=not a.quiet, data_root=str(a.data.resolve()) if a.data else None,
                  cache_dir=str(a.cache_dir.resolve()) if a.cache_dir else None,
-                 pretrained=str(a.pretrained.resolve()) if a.pretrained else None)
+                 pretrained=str(a.pretrained.resolve()) if a.pretrained else None, with_code=a.with_code)
     return {k: result[k] for k in ("checkpoint", "ledgers", "rounds", "sites", "seconds", "job_id")}
 
 
@@ -250,12 +256,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workdir", type=Path, required=True, help="job copy, simulator workspace, checkpoint, log")
     p.add_argument("--data", type=Path, default=None, help="BraTS-layout folder of the sites (default: the phantom)")
     p.add_argument("--cache-dir", type=Path, default=None)
+    p.add_argument("--pretrained", type=Path, default=None, help="pre-trained generator folder (default: built once)")
     p.add_argument("--n-clients", type=int, default=3)
     p.add_argument("--wire-dtype", choices=["float32", "float16"], default=None)
-    p.add_argument("--faults", default=None, help=argparse.SUPPRESS)  # test hooks, see fl/executor.py
+    p.add_argument("--with-code", action="store_true", help="carry the package's runtime in the job's custom/ "
+                   "(the way for sites without the package)")
     p.add_argument("--quiet", action="store_true")
     p.add_argument("--json", action="store_true")
     p.set_defaults(fn=cmd_fl_simulate)
+    p = fl.add_parser("export-jobs", help="write the app's job folders (flare_app/job.py), as jobs/ holds them")
+    p.add_argument("out", type=Path, help="folder to write the jobs into")
+    p.add_argument("--job", action="append", default=None, help="job name (repeatable; default: all)")
+    p.add_argument("--with-code", action="store_true", help="carry the package's runtime in custom/")
+    p.add_argument("--scale", default=None, choices=config.scales())
+    p.add_argument("--rounds", type=int, default=None)
+    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(fn=cmd_fl_export_jobs)
     for name, fn, text in (
             ("poc", cmd_fl_poc, "a POC federation on localhost (server, hospital-a/b/c, admin; nvflare poc): "
              "prepare, start, submit the job, wait, download the result, stop"),
@@ -272,6 +289,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--ports", type=int, nargs=2, metavar=("FED", "ADMIN"), default=None,
                        help="server ports on 127.0.0.1 (default: the project file's, or free ones if taken)")
         p.add_argument("--timeout", type=float, default=1800.0, help="seconds the job may take")
+        p.add_argument("--with-code", action="store_true", help="submit the job carrying its code (sites allow BYOC); "
+                       "default: configuration only, the sites' allow-list admits the installed package")
         p.add_argument("--quiet", action="store_true")
         p.add_argument("--json", action="store_true")
         p.set_defaults(fn=fn)

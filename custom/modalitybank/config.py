@@ -7,9 +7,15 @@ code: every command takes ``--scale NAME`` and looks its numbers up here.
 from __future__ import annotations
 
 import json
+import os
 from functools import cache
 from importlib import resources
+from pathlib import Path
 from typing import Any
+
+#: Where the embedded phantom, the default pre-trained generator and the slice cache live
+#: (``$MODALITYBANK_HOME``, else ``~/.cache/modalitybank``); the CLI and the federated sites share it.
+CACHE_ROOT = Path(os.environ.get("MODALITYBANK_HOME", Path.home() / ".cache" / "modalitybank"))
 
 #: Modality names used throughout the package, in canonical order.
 MODALITIES: tuple[str, ...] = ("t1", "t1c", "t2", "flair")

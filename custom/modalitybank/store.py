@@ -11,14 +11,13 @@
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from modalitybank.bank import atomic_save
+from modalitybank.bank import atomic_save, atomic_write_json
 from modalitybank.networks import ResnetGenerator
 
 __all__ = ["load_generator", "read_info", "save_generator"]
@@ -43,9 +42,7 @@ def save_generator(generator: ResnetGenerator, folder: str | Path, meta: dict[st
     else:
         atomic_save({"format": "modalitybank.weights/1", "state": generator.state_dict()}, folder / "weights.pt")
         info["modalities"] = generator.config["output_modalities"]
-    tmp = folder / "generator.json.tmp"
-    tmp.write_text(json.dumps(info, indent=2))
-    os.replace(tmp, folder / "generator.json")
+    atomic_write_json(info, folder / "generator.json")
     return folder
 
 

@@ -11,7 +11,6 @@ the correctness reference and the speed anchor for the federated version.
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
@@ -26,9 +25,10 @@ from modalitybank import config
 from modalitybank.bank import atomic_save
 from modalitybank.gan import GanLoss, SiteBatch, SiteModel, gan_step
 from modalitybank.networks import build_discriminator, build_generator, mask_channels
+from modalitybank.runlog import RunLog
 from modalitybank.store import load_generator, read_info, save_generator
 
-__all__ = ["BatchStream", "TrainSettings", "make_site_models", "pretrain", "run_gan", "train_bank", "truncate_log"]
+__all__ = ["BatchStream", "TrainSettings", "make_site_models", "pretrain", "run_gan", "train_bank"]
 
 
 @dataclass(frozen=True)
@@ -101,14 +101,6 @@ def _state_of(sites: Mapping[str, SiteModel]) -> dict[str, Any]:
                 for m in site.modalities} for s, site in sites.items()}
 
 
-def truncate_log(path: Path, last_iteration: int) -> None:
-    """Drop the log lines of iterations after ``last_iteration`` (redone after a resume)."""
-    if path.is_file():
-        kept = [line for line in path.read_text().splitlines()
-                if line.strip() and json.loads(line)["iteration"] <= last_iteration]
-        path.write_text("".join(line + "\n" for line in kept))
-
-
 def run_gan(run_dir: Path, generator: torch.nn.Module, g_optimizer: torch.optim.Optimizer,
             sites: Mapping[str, SiteModel], streams: Mapping[str, Iterator[SiteBatch]], settings: TrainSettings,
             save_generator_fn: Callable[[], None], desc: str, progress: bool = True) -> dict[str, Any]:
@@ -131,7 +123,6 @@ def run_gan(run_dir: Path, generator: torch.nn.Module, g_optimizer: torch.optim.
             for m in site.modalities:
                 site.discriminators[m].load_state_dict(state["sites"][s][m]["d"])
                 site.optimizers[m].load_state_dict(state["sites"][s][m]["opt"])
-    truncate_log(run_dir / "metrics.jsonl", start)  # iterations after the last checkpoint are redone
     loss = GanLoss(lambda_l1=settings.lambda_l1)
     writer = SummaryWriter(str(run_dir / "tb"))
     t0 = time.perf_counter()
@@ -143,17 +134,15 @@ def run_gan(run_dir: Path, generator: torch.nn.Module, g_optimizer: torch.optim.
 
     bar = tqdm(range(start, settings.iterations), desc=desc, initial=start, total=settings.iterations,
                disable=not progress, unit="it", dynamic_ncols=True)
-    with open(run_dir / "metrics.jsonl", "a") as log:
+    with RunLog(run_dir, start) as log:  # iterations after the last checkpoint are redone
         for iteration in bar:
             batches = {s: next(streams[s]) for s in sites}
             report = gan_step(generator, g_optimizer, sites, batches, loss)
-            mean = {k: sum(r[k] for r in report.values()) / len(report) for k in ("d", "g_adv", "g_l1")}
-            log.write(json.dumps({"iteration": iteration + 1, "losses": report, "mean": mean}) + "\n")
+            mean = log.write(iteration + 1, report)
             for k, v in mean.items():
                 writer.add_scalar(f"loss/{k}", v, iteration + 1)
             bar.set_postfix(d=f"{mean['d']:.3f}", g_l1=f"{mean['g_l1']:.3f}")
             if (iteration + 1) % settings.checkpoint_every == 0 and iteration + 1 < settings.iterations:
-                log.flush()
                 checkpoint(iteration + 1)
     checkpoint(settings.iterations)
     writer.close()
@@ -220,11 +209,7 @@ def train_bank(run_dir: str | Path, data_root: str | Path, pretrained: str | Pat
         if pretrained is None:
             raise ValueError("ModalityBank needs a pre-trained generator (run `modalitybank pretrain` first)")
         generator = load_generator(run_dir if resuming else pretrained)
-        for name in targets:
-            if name not in generator.bank.modalities:
-                generator.bank.add(name)
-        generator.bank.freeze_base()
-        learned = [p for name in targets for p in generator.bank.entry_parameters(name)]
+        learned = generator.bank.learn(targets)
         meta = {"stage": "bank", "pretrained_from": str(pretrained),
                 "pretrained_on": read_info(run_dir if resuming else pretrained).get("pretrained_on")}
     else:

@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import fcntl
 import json
-import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-__all__ = ["CACHE_ROOT", "default_phantom", "default_pretrained", "locked"]
+from modalitybank.config import CACHE_ROOT
 
-CACHE_ROOT = Path(os.environ.get("MODALITYBANK_HOME", Path.home() / ".cache" / "modalitybank"))
+__all__ = ["CACHE_ROOT", "default_phantom", "default_pretrained", "locked"]
 
 
 @contextmanager

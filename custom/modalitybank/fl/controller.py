@@ -11,7 +11,7 @@ server resumes from the last one.
 
 from __future__ import annotations
 
-import json
+import importlib
 import threading
 import time
 from pathlib import Path
@@ -28,19 +28,20 @@ from nvflare.apis.shareable import Shareable
 from nvflare.apis.signal import Signal
 
 from modalitybank import config
-from modalitybank.bank import atomic_save
+from modalitybank.bank import atomic_save, atomic_write_json
 from modalitybank.fl import wire
-from modalitybank.fl.executor import ERROR_HEADER
 from modalitybank.fl.ledger import Ledger
-from modalitybank.fl.privacy import BLOCKED_HEADER, LEDGER_FILE
 from modalitybank.gan import generator_step
 from modalitybank.networks import build_generator, mask_channels
+from modalitybank.runlog import RunLog
 from modalitybank.store import load_generator, save_generator
-from modalitybank.training import TrainSettings, truncate_log
+from modalitybank.training import TrainSettings
 
-__all__ = ["ModalityBankController", "check_gradient"]
+__all__ = ["RUN_FILE", "STATE_FILE", "ModalityBankController", "check_gradient"]
 
 STATE_FILE = "server_state.pt"
+#: What the run trained: status, iterations with accepted gradients, the sites that contributed.
+RUN_FILE = "run.json"
 
 
 def check_gradient(grad: torch.Tensor, fake: torch.Tensor, max_norm: float) -> str | None:
@@ -65,6 +66,7 @@ def _wire_bytes(shareable: Shareable) -> int:
 class _Site:
     def __init__(self, name: str) -> None:
         self.name = name
+        self.reason = "never answered"  # why the site is not active
         self.modalities: list[str] = []
         self.masks: Any = None  # uint8 codes of the site's next batch
         self.active = False
@@ -76,12 +78,15 @@ class ModalityBankController(Controller):
 
     Args:
         scale: size preset (``tiny``, ``small``, ``paper``).
-        experiment: ``multimodal`` or ``missing_modality`` (targets and site modalities).
+        experiment: ``multimodal`` or ``missing_modality`` (the bank entries to learn).
         iterations: total iterations (0: the preset's ``bank_iterations``).
         baseline: ``""`` (ModalityBank) or ``"asyndgan"`` (one multi-channel generator, no bank).
         pretrained: pre-trained generator folder; empty: pre-train once on the public source set.
         checkpoint_dir: absolute, or relative to the job's run directory.
         checkpoint_every: iterations between checkpoints (0: the preset's).
+        min_sites: how many sites must join for the run to start (0: every client of the job).
+            Fewer within ``join_timeout``, or every site gone later, fails the job with each
+            site's reason.
         site_timeout: seconds to wait for a site's answer to an iteration before going on without it.
         join_timeout: seconds to wait for the sites to join at the start (loading their data).
         max_grad_norm: a site's gradient with a larger norm is rejected.
@@ -93,21 +98,27 @@ class ModalityBankController(Controller):
             (what NVFlare sends), for ``modalitybank bench fl``.
     """
 
+    #: Written into job configs even at their defaults (``FedJob.export_job``), so a job shows them all.
+    _always_serialize_args = ("scale", "experiment", "iterations", "baseline", "pretrained", "checkpoint_dir",
+                              "min_sites", "site_timeout", "join_timeout", "max_grad_norm", "wire_dtype")
+
     def __init__(self, scale: str = "tiny", experiment: str = "multimodal", iterations: int = 0, baseline: str = "",
                  pretrained: str = "", checkpoint_dir: str = "checkpoint", checkpoint_every: int = 0,
-                 site_timeout: float = 120.0, join_timeout: float = 900.0, max_grad_norm: float = 1e4, wire_dtype: str = "float32",
-                 task_check_period: float = 0.01, seed: int = 0, threads: int = 1,
-                 measure_wire_bytes: bool = False) -> None:
+                 min_sites: int = 0, site_timeout: float = 120.0, join_timeout: float = 900.0,
+                 max_grad_norm: float = 1e4, wire_dtype: str = "float32", task_check_period: float = 0.01,
+                 seed: int = 0, threads: int = 1, measure_wire_bytes: bool = False) -> None:
         super().__init__(task_check_period=task_check_period)
         if wire_dtype not in ("float32", "float16"):
             raise ValueError(f"wire_dtype must be float32 or float16, not {wire_dtype!r}")
-        self.scale, self.experiment_name, self.baseline, self.seed = scale, experiment, baseline or None, seed
+        if baseline not in ("", "asyndgan"):
+            raise ValueError(f"baseline must be '' (ModalityBank) or 'asyndgan', not {baseline!r}")
+        self.scale, self.experiment, self.iterations, self.baseline = scale, experiment, iterations, baseline
+        self.pretrained, self.checkpoint_dir, self.checkpoint_every = pretrained, checkpoint_dir, checkpoint_every
+        self.min_sites, self.site_timeout, self.join_timeout = min_sites, site_timeout, join_timeout
+        self.max_grad_norm, self.wire_dtype, self.seed = max_grad_norm, wire_dtype, seed
+        self.threads, self.measure_wire_bytes = threads, measure_wire_bytes
         self.settings = TrainSettings.from_preset(scale, "bank", seed=seed, iterations=iterations or None,
                                                   checkpoint_every=checkpoint_every or None)
-        self.pretrained, self.checkpoint_arg = pretrained, checkpoint_dir
-        self.site_timeout, self.join_timeout = site_timeout, join_timeout
-        self.max_grad_norm, self.wire_dtype = max_grad_norm, wire_dtype
-        self.threads, self.measure_wire_bytes = threads, measure_wire_bytes
         self._results: dict[tuple[str, str, int], Shareable] = {}
         self._results_lock = threading.Lock()
 
@@ -116,45 +127,37 @@ class ModalityBankController(Controller):
         self.communicator._task_check_period = self._task_check_period  # 2.9 reads this attribute only
         torch.set_num_threads(self.threads)
         run_dir = Path(fl_ctx.get_engine().get_workspace().get_run_dir(fl_ctx.get_job_id()))
-        self.ckpt = Path(self.checkpoint_arg) if Path(self.checkpoint_arg).is_absolute() else run_dir / self.checkpoint_arg
+        self.ckpt = Path(self.checkpoint_dir) if Path(self.checkpoint_dir).is_absolute() else run_dir / self.checkpoint_dir
         self.ckpt.mkdir(parents=True, exist_ok=True)
-        self.ledger = Ledger(run_dir / LEDGER_FILE)
-        self.exp = config.experiment(self.experiment_name)
-        self.targets = list(self.exp["targets"])
+        self.ledger = Ledger(run_dir / wire.LEDGER_FILE)
+        self.targets = list(config.experiment(self.experiment)["targets"])
         self._build_generator(fl_ctx)
 
     def _build_generator(self, fl_ctx: FLContext) -> None:
         state_path = self.ckpt / STATE_FILE
-        self.start = 0
-        if state_path.is_file():
+        state = torch.load(state_path, map_location="cpu", weights_only=False) if state_path.is_file() else None
+        if state is not None:
             self.generator = load_generator(self.ckpt)
         elif self.baseline == "asyndgan":
             torch.manual_seed(self.seed)
             self.generator = build_generator(config.preset(self.scale)["model"], output_modalities=self.targets)
         else:
-            from modalitybank.data.default import default_pretrained
-
-            source = self.pretrained or str(default_pretrained(self.scale, self.seed))
+            # not traced into a job's custom/ code: the default pre-training needs the installed package
+            default = importlib.import_module("modalitybank.data.default")
+            source = self.pretrained or str(default.default_pretrained(self.scale, self.seed))
             self.log_info(fl_ctx, f"bank entries {self.targets} on the generator pre-trained in {source}")
             self.generator = load_generator(source)
-        if self.generator.config["modulated"]:
-            for name in self.targets:
-                if name not in self.generator.bank.modalities:
-                    self.generator.bank.add(name)
-            self.generator.bank.freeze_base()
-            learned = [p for name in self.targets for p in self.generator.bank.entry_parameters(name)]
-        else:
-            learned = list(self.generator.parameters())
-        self.optimizer = self.settings.adam(learned)
-        if state_path.is_file():
-            state = torch.load(state_path, map_location="cpu", weights_only=False)
+        modulated = self.generator.config["modulated"]
+        self.optimizer = self.settings.adam(self.generator.bank.learn(self.targets) if modulated
+                                            else list(self.generator.parameters()))
+        self.start, self.contributions = 0, {}
+        if state is not None:
             self.optimizer.load_state_dict(state["g_opt"])
-            self.start = state["iteration"]
+            self.start, self.contributions = state["iteration"], dict(state.get("contributions", {}))
             self.log_info(fl_ctx, f"resumed from the checkpoint in {self.ckpt} at iteration {self.start}")
-        truncate_log(self.ckpt / "metrics.jsonl", self.start)
-        self.meta = {"stage": "federated", "experiment": self.experiment_name, "sites": self.exp["sites"],
-                     "scale": self.scale, "image_size": config.preset(self.scale)["slices"]["image_size"],
-                     "baseline": self.baseline}
+        self.meta = {"stage": "federated", "experiment": self.experiment, "scale": self.scale,
+                     "image_size": config.preset(self.scale)["slices"]["image_size"],
+                     "baseline": self.baseline or None}
 
     def stop_controller(self, fl_ctx: FLContext) -> None:
         pass
@@ -192,7 +195,7 @@ class ModalityBankController(Controller):
             return "no answer in time"
         rc = result.get_return_code()
         if rc != ReturnCode.OK:
-            reason = result.get_header(BLOCKED_HEADER) or result.get_header(ERROR_HEADER) or ""
+            reason = result.get_header(wire.BLOCKED_HEADER) or result.get_header(wire.ERROR_HEADER) or ""
             return f"{rc}{': ' + reason if reason else ''}"
         return None
 
@@ -207,6 +210,41 @@ class ModalityBankController(Controller):
     # -- the loop ---------------------------------------------------------------------------
     def control_flow(self, abort_signal: Signal, fl_ctx: FLContext) -> None:
         sites = {c.name: _Site(c.name) for c in self._engine.get_clients()}
+        if not self._join(sites, abort_signal, fl_ctx):
+            return
+        total, t0 = self.settings.iterations, time.perf_counter()
+        with RunLog(self.ckpt, self.start) as log:
+            for iteration in range(self.start, total):
+                if abort_signal.triggered:
+                    return
+                if not any(s.active for s in sites.values()) and not self._wait_for_return(sites, iteration,
+                                                                                           abort_signal, fl_ctx):
+                    self._fail(fl_ctx, f"every site dropped out before iteration {iteration + 1}: "
+                               + "; ".join(f"{s.name}: {s.reason}" for s in sites.values()), iteration)
+                    return
+                t_iter = time.perf_counter()
+                report = self._iteration(sites, iteration, abort_signal, fl_ctx)
+                t_iter = time.perf_counter() - t_iter
+                if report:
+                    for name in {key.split("/")[0] for key in report}:
+                        self.contributions[name] = self.contributions.get(name, 0) + 1
+                    mean = log.write(iteration + 1, report, seconds=round(t_iter, 4))
+                    rate = (time.perf_counter() - t0) / (iteration + 1 - self.start)
+                    self.log_info(fl_ctx, f"iteration {iteration + 1}/{total} | {rate:.2f} s/it | ETA "
+                                  f"{rate * (total - iteration - 1):.0f} s | d {mean['d']:.3f} g_l1 {mean['g_l1']:.3f}"
+                                  f" | sites {sorted(s.name for s in sites.values() if s.active)}")
+                if (iteration + 1) % self.settings.checkpoint_every == 0:
+                    self._checkpoint(iteration + 1)
+        self._checkpoint(total)
+        summary = self._summary(total)
+        if not summary["accepted_iterations"]:
+            self._fail(fl_ctx, f"no iteration of {self.start + 1}..{total} had an accepted gradient", total)
+            return
+        self.log_info(fl_ctx, f"done: {summary['accepted_iterations']} of {total} iterations with accepted "
+                      f"gradients, from {summary['sites']}; generator in {self.ckpt}")
+
+    def _join(self, sites: dict[str, _Site], abort_signal: Signal, fl_ctx: FLContext) -> bool:
+        """Send every site the hello; True if at least ``min_sites`` joined, else the job fails."""
         hellos = {name: self._send(site, wire.TASK_HELLO, {}, self.start, fl_ctx, self.join_timeout)
                   for name, site in sites.items()}
         for name, task in hellos.items():
@@ -214,31 +252,49 @@ class ModalityBankController(Controller):
             result = self._take(name, wire.TASK_HELLO, self.start)
             problem = self._problem(result)
             if problem:
+                sites[name].reason = problem
                 self.log_error(fl_ctx, f"site {name} could not join: {problem}")
             else:
                 self._hello_result(sites[name], result, self.start, fl_ctx)
-        total, t0 = self.settings.iterations, time.perf_counter()
-        with open(self.ckpt / "metrics.jsonl", "a") as log:
-            for iteration in range(self.start, total):
-                if abort_signal.triggered:
-                    return
-                t_iter = time.perf_counter()
-                report = self._iteration(sites, iteration, abort_signal, fl_ctx)
-                t_iter = time.perf_counter() - t_iter
-                if report:
-                    mean = {k: sum(r[k] for r in report.values()) / len(report) for k in ("d", "g_adv", "g_l1")}
-                    log.write(json.dumps({"iteration": iteration + 1, "losses": report, "mean": mean,
-                                          "seconds": round(t_iter, 4)}) + "\n")
-                    log.flush()
-                    done = iteration + 1 - self.start
-                    rate = (time.perf_counter() - t0) / done
-                    self.log_info(fl_ctx, f"iteration {iteration + 1}/{total} | {rate:.2f} s/it | ETA "
-                                  f"{rate * (total - iteration - 1):.0f} s | d {mean['d']:.3f} g_l1 {mean['g_l1']:.3f}"
-                                  f" | sites {sorted(s.name for s in sites.values() if s.active)}")
-                if (iteration + 1) % self.settings.checkpoint_every == 0:
-                    self._checkpoint(iteration + 1)
-        self._checkpoint(total)
-        self.log_info(fl_ctx, f"done: {total} iterations, generator in {self.ckpt}")
+        joined = sorted(s.name for s in sites.values() if s.active)
+        needed = self.min_sites or len(sites)
+        if len(joined) < needed:
+            self._fail(fl_ctx, f"{len(joined)} of {len(sites)} sites joined within {self.join_timeout:.0f} s, "
+                       f"{needed} needed (min_sites); " + "; ".join(
+                           f"{s.name}: {s.reason}" for s in sites.values() if not s.active), self.start)
+            return False
+        return True
+
+    def _wait_for_return(self, sites: dict[str, _Site], iteration: int, abort_signal: Signal,
+                         fl_ctx: FLContext) -> bool:
+        """No site is active: probe them all for up to ``site_timeout``; True as soon as one is back."""
+        end = time.time() + self.site_timeout
+        while time.time() < end and not abort_signal.triggered:
+            self._probe_absent(sites, iteration, fl_ctx)
+            if any(s.active for s in sites.values()):
+                return True
+            time.sleep(0.2)
+        return False
+
+    def _summary(self, iteration: int, status: str = "completed", reason: str = "") -> dict[str, Any]:
+        """What the run trained, as ``run.json`` in the checkpoint folder says it."""
+        summary = {"status": status, "iterations": iteration, "accepted_iterations": self._accepted(),
+                   "sites": sorted(self.contributions), "site_iterations": dict(sorted(self.contributions.items()))}
+        if reason:
+            summary["reason"] = reason
+        atomic_write_json(summary, self.ckpt / RUN_FILE)
+        return summary
+
+    def _accepted(self) -> int:
+        path = self.ckpt / "metrics.jsonl"
+        return sum(1 for line in path.read_text().splitlines() if line.strip()) if path.is_file() else 0
+
+    def _fail(self, fl_ctx: FLContext, reason: str, iteration: int) -> None:
+        """End the job as failed, naming why (``nvflare simulator`` then exits non-zero, a job's status is not
+        FINISHED:COMPLETED)."""
+        self._summary(iteration, status="failed", reason=reason)
+        self.log_error(fl_ctx, f"run failed: {reason}")
+        self.system_panic(f"ModalityBank: {reason}", fl_ctx)
 
     def _iteration(self, sites: dict[str, _Site], iteration: int, abort_signal: Signal,
                    fl_ctx: FLContext) -> dict[str, dict[str, float]]:
@@ -261,7 +317,7 @@ class ModalityBankController(Controller):
                 self.ledger.record(name, "received", wire.TASK_STEP, {}, iteration, status="missing", note=problem)
                 self.log_error(fl_ctx, f"site {name} at iteration {iteration + 1}: {problem}; going on with "
                                f"{sorted(s.name for s in sites.values() if s.active and s.name != name)}")
-                site.active = False
+                site.active, site.reason = False, f"at iteration {iteration + 1}: {problem}"
                 continue
             data = from_shareable(result).data
             wire_bytes = result.get_header("wire_bytes")
@@ -299,4 +355,6 @@ class ModalityBankController(Controller):
 
     def _checkpoint(self, iteration: int) -> None:
         save_generator(self.generator, self.ckpt, self.meta)
-        atomic_save({"iteration": iteration, "g_opt": self.optimizer.state_dict()}, self.ckpt / STATE_FILE)
+        atomic_save({"iteration": iteration, "g_opt": self.optimizer.state_dict(),
+                     "contributions": self.contributions}, self.ckpt / STATE_FILE)
+        self._summary(iteration, status="running" if iteration < self.settings.iterations else "completed")

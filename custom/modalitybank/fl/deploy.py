@@ -36,21 +36,24 @@ from typing import Any
 
 import yaml
 
-from modalitybank.fl.jobs import JOBS_DIR, find_job, prepare_job
+from modalitybank.fl import wire
+from modalitybank.fl.jobs import export_job, read_run
+from modalitybank.fl.policy import admit_package, set_byoc
 from modalitybank.fl.processes import (
     check_loopback,
     cli_env,
     kill_leftovers,
     log_tail,
     nvflare,
-    nvflare_exe,
+    nvflare_command,
 )
+from modalitybank.resources import shared_dir
 
-__all__ = ["ADMIN", "PROJECT_FILE", "SITES", "drop_unsubmittable", "provision", "run_poc",
+__all__ = ["ADMIN", "PROJECT_FILE", "SITES", "drop_unsubmittable", "prepare_kit", "provision", "run_poc",
            "run_provisioned", "start_kit", "stop_all", "submit_job", "wait_for_clients",
            "write_project"]
 
-PROJECT_FILE = JOBS_DIR / "project" / "provision.yml"
+PROJECT_FILE = shared_dir("jobs") / "project" / "provision.yml"
 SERVER = "localhost"
 SITES = ("hospital-a", "hospital-b", "hospital-c")
 ADMIN = "admin@modalitybank.org"
@@ -138,14 +141,14 @@ def server_ports(project: dict[str, Any]) -> tuple[int, int]:
 
 # -- provisioned kits -----------------------------------------------------------------------
 
-def provision(project: Path, workspace: Path, env: dict[str, str], workdir: Path) -> Path:
+def provision(project: Path, workspace: Path, env: dict[str, str], workdir: Path, with_code: bool = False) -> Path:
     """``nvflare provision``; returns the kits' folder (``workspace/<project>/prod_NN``), made ready to start."""
     nvflare(["provision", "-p", project, "-w", workspace, "--force"], env, workdir, timeout=120, as_json=False)
     name = read_project(project)["name"]
     prod = sorted((workspace / name).glob("prod_*"), key=lambda p: int(p.name.split("_")[1]))[-1]
     local_storage(prod / SERVER, workspace)
     for kit in [prod / SERVER, *(prod / s for s in SITES)]:
-        allow_byoc(kit)
+        prepare_kit(kit, with_code)
     return prod
 
 
@@ -161,26 +164,11 @@ def local_storage(server_kit: Path, root: Path) -> None:
     (local / "resources.json").write_text(json.dumps(resources, indent=2))
 
 
-def allow_byoc(kit: Path, role: str = "project_admin") -> bool:
-    """Make sure ``role`` may submit jobs with custom code (``byoc``) at this site; True if it had to change.
-
-    NVFlare's generated policy (``local/authorization.json.default``) gives the project admin
-    ``any`` right, byoc included, so normally nothing is written; a site whose policy says
-    otherwise gets ``local/authorization.json`` with byoc allowed for ``role``.
-    """
-    local = kit / "local"
-    path = local / "authorization.json" if (local / "authorization.json").is_file() else local / "authorization.json.default"
-    if not path.is_file():
-        return False
-    policy = json.loads(path.read_text())
-    rights = policy.setdefault("permissions", {}).get(role)
-    if rights == "any" or (isinstance(rights, dict) and rights.get("byoc") == "any" and rights.get("submit_job") == "any"):
-        return False
-    rights = dict(rights) if isinstance(rights, dict) else {}
-    rights.update(byoc="any", submit_job="any", download_job="any", manage_job="any", view="any")
-    policy["permissions"][role] = rights
-    (local / "authorization.json").write_text(json.dumps(policy, indent=2))
-    return True
+def prepare_kit(kit: Path, with_code: bool) -> None:
+    """A participant's local policy, as a hospital's IT would set it: the package's classes admitted
+    (``class_allow_list``), and jobs carrying code (BYOC) allowed only for ``with_code`` runs."""
+    admit_package(kit / "local")
+    set_byoc(kit, allowed=with_code)
 
 
 def start_kit(kit: Path, env: dict[str, str], log: Path) -> subprocess.Popen:
@@ -277,7 +265,7 @@ def submit_job(job_dir: Path, admin_kit: Path, env: dict[str, str], workdir: Pat
                                f"above in {job_dir}") from err
         raise
     say(progress, f"job {job_id} submitted")
-    cmd = [nvflare_exe(), "--format", "json", "job", "wait", job_id, "--timeout", str(int(timeout)), "--interval", "2",
+    cmd = [*nvflare_command(), "--format", "json", "job", "wait", job_id, "--timeout", str(int(timeout)), "--interval", "2",
            "--startup-kit", str(admin_kit)]
     log_path, seen, server_log = workdir / "logs" / "job-wait.out", 0, server_kit / job_id / "log.txt"
     with open(log_path, "w") as out:
@@ -313,8 +301,6 @@ def submit_job(job_dir: Path, admin_kit: Path, env: dict[str, str], workdir: Pat
 
 def _collect(job_id: str, download: Path, kits: Path, job_dir: Path) -> dict[str, Any]:
     """The run's result: checkpoint and ledgers (server's from the download, the sites' from their workspaces)."""
-    import torch
-
     workspace = download / "workspace"
     checkpoint = workspace / "checkpoint"
     server_cfg = json.loads(next(job_dir.rglob("config_fed_server.json")).read_text())
@@ -323,23 +309,21 @@ def _collect(job_id: str, download: Path, kits: Path, job_dir: Path) -> dict[str
         missing = [p for p in ("generator.json", "base.pt") if not (checkpoint / p).is_file()]
         if missing or not list((checkpoint / "entries").glob("*.pt")):
             raise RuntimeError(f"the downloaded result {download} lacks the checkpoint ({missing or 'entries/*.pt'})")
-    server_ledger = workspace / "modalitybank_ledger.jsonl"
+    server_ledger = workspace / wire.LEDGER_FILE
     ledgers = ([str(server_ledger)] if server_ledger.is_file() else []) + sorted(
-        str(p) for site in SITES for p in [kits / site / job_id / "modalitybank_ledger.jsonl"] if p.is_file())
+        str(p) for site in SITES for p in [kits / site / job_id / wire.LEDGER_FILE] if p.is_file())
     if wants_checkpoint and not server_ledger.is_file():
         raise RuntimeError(f"the downloaded result {download} lacks the server ledger")
-    state = checkpoint / "server_state.pt"
-    rounds = torch.load(state, map_location="cpu", weights_only=False)["iteration"] if state.is_file() else None
-    sites = sorted({json.loads(line)["site"] for line in log_tail(server_ledger, 10**9).splitlines() if line.strip()})
-    return {"checkpoint": str(checkpoint) if checkpoint.is_dir() else None, "ledgers": ledgers, "rounds": rounds,
-            "sites": sites, "job_id": job_id}
+    run = read_run(checkpoint)  # what the run trained: iterations with accepted gradients, contributing sites
+    return {"checkpoint": str(checkpoint) if checkpoint.is_dir() else None, "ledgers": ledgers,
+            "rounds": run["accepted_iterations"] if run else None, "sites": run["sites"] if run else [],
+            "job_id": job_id}
 
 
 def _prepare(job: str | Path, workdir: Path, scale: str, rounds: int | None, updates: dict[str, Any],
-             progress: bool = True) -> Path:
-    name = find_job(job).name
-    job_dir = prepare_job(job, workdir / "job" / name, scale=scale, iterations=rounds, num_rounds=rounds,
-                          checkpoint_dir="checkpoint", **updates)
+             with_code: bool, progress: bool = True) -> Path:
+    job_dir = export_job(job, workdir / "job" / Path(job).name, with_code=with_code, scale=scale, rounds=rounds,
+                         **updates)
     dropped = drop_unsubmittable(job_dir)
     if dropped:
         say(progress, f"left out of the submitted job (not HOCON, `nvflare job submit` cannot index them): {dropped}")
@@ -370,7 +354,7 @@ def drop_unsubmittable(job_dir: Path) -> list[str]:
 @stoppable()
 def run_poc(workdir: str | Path, job: str | Path = "modalitybank_multimodal", scale: str = "tiny",
             rounds: int | None = None, ports: tuple[int, int] | None = None, timeout: float = 1800.0,
-            progress: bool = True, **updates: Any) -> dict[str, Any]:
+            progress: bool = True, with_code: bool = False, **updates: Any) -> dict[str, Any]:
     """A POC federation (server ``localhost``, hospital-a/b/c, the admin) in ``workdir``: run ``job`` once, stop.
 
     ``updates`` are component arguments of the job (``data_root``, ``pretrained``, ...). Returns
@@ -382,14 +366,14 @@ def run_poc(workdir: str | Path, job: str | Path = "modalitybank_multimodal", sc
     poc = workdir / "poc"
     env = cli_env(workdir, NVFLARE_POC_WORKSPACE=str(poc))
     project = write_project(workdir / "project.yml", ports)
-    job_dir = _prepare(job, workdir, scale, rounds, updates, progress)
+    job_dir = _prepare(job, workdir, scale, rounds, updates, with_code, progress)
     name = read_project(project)["name"]
     started = False
     try:
         nvflare(["poc", "prepare", "-i", project, "--force"], env, workdir, timeout=120, as_json=False)
         kits = sorted((poc / name).glob("prod_*"), key=lambda p: int(p.name.split("_")[1]))[-1]
         for kit in [kits / SERVER, *(kits / s for s in SITES)]:
-            allow_byoc(kit)
+            prepare_kit(kit, with_code)
         say(progress, f"POC prepared in {poc} (ports {server_ports(read_project(project))}); starting")
         started = True
         nvflare(["poc", "start", "--timeout", "180"], env, workdir, timeout=240, as_json=False)
@@ -412,16 +396,16 @@ def run_poc(workdir: str | Path, job: str | Path = "modalitybank_multimodal", sc
 @stoppable()
 def run_provisioned(workdir: str | Path, job: str | Path = "modalitybank_multimodal", scale: str = "tiny",
                     rounds: int | None = None, ports: tuple[int, int] | None = None, timeout: float = 1800.0,
-                    progress: bool = True, **updates: Any) -> dict[str, Any]:
+                    progress: bool = True, with_code: bool = False, **updates: Any) -> dict[str, Any]:
     """Provision the project (mutual TLS) into ``workdir/kits``, start every kit, run ``job`` once, shut down."""
     t0 = time.perf_counter()
     workdir, env, project, fed_port = open_workdir(workdir, ports)
-    job_dir = _prepare(job, workdir, scale, rounds, updates, progress)
+    job_dir = _prepare(job, workdir, scale, rounds, updates, with_code, progress)
     root = workdir / "kits"
     if root.exists():
         kill_leftovers(root, grace=0)
         shutil.rmtree(root)
-    kits = provision(project, root, env, workdir)
+    kits = provision(project, root, env, workdir, with_code)
     procs: dict[str, subprocess.Popen] = {}
     admin = kits / ADMIN
     try:

@@ -1,19 +1,24 @@
 """The site executor: runs inside a hospital, next to its data.
 
-It loads the site's slices once, keeps one discriminator per modality the site holds resident
-across iterations, and per task runs :func:`modalitybank.gan.site_step` on the fakes the server
-sent. It returns only gradients w.r.t. those fakes, scalar losses and the masks of its next
-batch; real images never leave (and the :mod:`~modalitybank.fl.privacy` guard checks it).
+It loads the site's slices when the run starts (NVFlare's ``START_RUN`` event, as NVFlare's
+``LearnerExecutor`` does), keeps one discriminator per modality the site holds resident across
+iterations, and per task runs :func:`modalitybank.gan.site_step` on the fakes the server sent. It
+returns only gradients w.r.t. those fakes, scalar losses and the masks of its next batch; real
+images never leave (and the :mod:`~modalitybank.fl.privacy` guard checks it). A site whose set-up
+failed answers the server's hello with the reason, so the server can name it.
 """
 
 from __future__ import annotations
 
+import importlib
+import zlib
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from nvflare.apis.dxo import DXO, DataKind, from_shareable
+from nvflare.apis.event_type import EventType
 from nvflare.apis.executor import Executor
 from nvflare.apis.fl_constant import FLContextKey, ReturnCode
 from nvflare.apis.fl_context import FLContext
@@ -24,11 +29,29 @@ from modalitybank import config
 from modalitybank.bank import atomic_save
 from modalitybank.fl import wire
 from modalitybank.gan import GanLoss, SiteBatch, SiteModel, site_step
+from modalitybank.resources import bundle_dir
 from modalitybank.training import BatchStream, TrainSettings, make_site_models
 
-__all__ = ["SiteExecutor"]
+__all__ = ["SiteExecutor", "site_data", "site_seed"]
 
-ERROR_HEADER = "modalitybank_error"
+
+def site_data(data_root: str, cache_dir: str, scale: str, seed: int) -> tuple[Path, Path]:
+    """The site's data folder and slice cache; an empty ``data_root`` means the embedded phantom.
+
+    The phantom is built (once, under a lock) from the installed package: a job that carries its
+    code in ``custom/`` ships the runtime only, not the phantom generator, so such a site needs a
+    ``data_root``.
+    """
+    cache = Path(cache_dir) if cache_dir else config.CACHE_ROOT / "slices"
+    if data_root:
+        return Path(data_root), cache
+    default = importlib.import_module("modalitybank.data.default")  # not traced into a job's custom/ code
+    return default.default_phantom(scale, seed), cache
+
+
+def site_seed(site: str, seed: int = 0) -> int:
+    """A site's batch-order seed: stable across processes and runs (``hash()`` of a str is not)."""
+    return seed + zlib.crc32(site.encode()) % 1000
 
 
 class SiteExecutor(Executor):
@@ -43,42 +66,48 @@ class SiteExecutor(Executor):
         checkpoint_every: save the discriminators every so many iterations (in the site's workspace).
         discriminator_bundle: the site-discriminator MONAI bundle its discriminators, optimisers and
             loss weights are built from (absolute, or relative to the job's ``custom/`` folder);
-            empty: the package's defaults for the preset (the same figures).
+            given as a name, the job's ``custom/<name>`` if the job carries it, else the bundle
+            installed with the package; empty: the package's defaults for the preset (the same figures).
         threads: torch threads of this process.
-        faults: test hooks that make a site misbehave on purpose, by site name:
-            ``{"site-2": {"leak_real": true}}``; kinds: ``leak_real``, ``nan_from: k``,
-            ``huge_from: k``, ``hang_at: k`` with ``hang_seconds: s``.
     """
+
+    #: Written into job configs even at their defaults (``FedJob.export_job``), so a job shows them all.
+    _always_serialize_args = ("scale", "experiment", "data_root", "cache_dir", "discriminator_bundle", "threads")
 
     def __init__(self, scale: str = "tiny", experiment: str = "multimodal", data_root: str = "",
                  cache_dir: str = "", seed: int = 0, checkpoint_every: int = 0, threads: int = 1,
-                 discriminator_bundle: str = "",
-                 faults: dict[str, dict[str, Any]] | None = None) -> None:
+                 discriminator_bundle: str = "") -> None:
         super().__init__()
         self.scale, self.experiment, self.seed = scale, experiment, seed
         self.data_root, self.cache_dir = data_root, cache_dir
-        self.checkpoint_every = checkpoint_every or config.preset(scale)["train"]["checkpoint_every"]
-        self.threads, self.discriminator_bundle = threads, discriminator_bundle
-        self.faults = faults or {}
+        self.checkpoint_every, self.threads, self.discriminator_bundle = checkpoint_every, threads, discriminator_bundle
         self._ready = False
+        self._setup_error: str | None = None
+
+    def handle_event(self, event_type: str, fl_ctx: FLContext) -> None:
+        if event_type == EventType.START_RUN:
+            try:
+                self._setup(fl_ctx)
+            except Exception as err:  # answered to the server's hello, which names the site and the reason
+                self._setup_error = f"{type(err).__name__}: {err}"
+                self.log_exception(fl_ctx, f"site {fl_ctx.get_identity_name()} could not start: {err}")
 
     # -- set-up -----------------------------------------------------------------------------
     def _setup(self, fl_ctx: FLContext) -> None:
         from modalitybank.data.brats import SiteDataset
-        from modalitybank.data.default import CACHE_ROOT, default_phantom
 
         torch.set_num_threads(self.threads)
         self.site = fl_ctx.get_identity_name()
         centre = config.centre_of_site(self.site)
         exp = config.experiment(self.experiment)
         self.modalities = list(exp["sites"][centre])
-        root = Path(self.data_root) if self.data_root else default_phantom(self.scale, self.seed)
+        root, cache = site_data(self.data_root, self.cache_dir, self.scale, self.seed)
         slices = config.preset(self.scale)["slices"]
-        self.dataset = SiteDataset(root, centre, self.modalities, split="train",
-                                   cache_dir=self.cache_dir or CACHE_ROOT / "slices",
+        self.dataset = SiteDataset(root, centre, self.modalities, split="train", cache_dir=cache,
                                    image_size=slices["image_size"], min_tumour_fraction=slices["min_tumour_fraction"],
                                    max_slices_per_case=slices["max_slices_per_case"])
-        self.settings = TrainSettings.from_preset(self.scale, "bank", seed=self.seed)
+        self.settings = TrainSettings.from_preset(self.scale, "bank", seed=self.seed,
+                                                  checkpoint_every=self.checkpoint_every or None)
         self.model, self.loss = self._discriminators(fl_ctx)
         workspace = Path(fl_ctx.get_engine().get_workspace().get_root_dir())
         self.checkpoint = workspace / "modalitybank" / f"{self.experiment}-{self.scale}" / "discriminators.pt"
@@ -88,10 +117,11 @@ class SiteExecutor(Executor):
                 self.model.discriminators[m].load_state_dict(state[m]["d"])
                 self.model.optimizers[m].load_state_dict(state[m]["opt"])
             self.log_info(fl_ctx, f"resumed discriminators from {self.checkpoint}")
-        self.stream = BatchStream(self.dataset, self.settings.batch_size, self.seed + hash(self.site) % 1000)
+        self.stream = BatchStream(self.dataset, self.settings.batch_size, site_seed(self.site, self.seed))
         self.pending: SiteBatch | None = None
         self.log_info(fl_ctx, f"site {self.site} = centre {centre}: {len(self.dataset)} slices of "
-                      f"{len(self.dataset.case_ids)} cases, modalities {self.modalities}")
+                      f"{len(self.dataset.case_ids)} cases, modalities {self.modalities}; code from "
+                      f"{Path(__file__).parents[1]}")
         self._ready = True
 
     def _discriminators(self, fl_ctx: FLContext) -> tuple[SiteModel, GanLoss]:
@@ -99,11 +129,12 @@ class SiteExecutor(Executor):
         if not self.discriminator_bundle:
             model = make_site_models({self.site: self.modalities}, config.preset(self.scale)["model"], self.settings)
             return model[self.site], GanLoss(lambda_l1=self.settings.lambda_l1)
-        from modalitybank.bundle import site_discriminator_from_bundle
+        from modalitybank.bundle.discriminator import site_discriminator_from_bundle
 
         bundle = Path(self.discriminator_bundle)
         if not bundle.is_absolute():
-            bundle = Path(fl_ctx.get_prop(FLContextKey.APP_ROOT)) / "custom" / bundle
+            carried = Path(fl_ctx.get_prop(FLContextKey.APP_ROOT)) / "custom" / bundle
+            bundle = carried if carried.is_dir() else bundle_dir(self.discriminator_bundle)
         built = {m: site_discriminator_from_bundle(bundle, {"scale": self.scale}) for m in self.modalities}
         self.log_info(fl_ctx, f"discriminators built from the bundle {bundle}")
         model = SiteModel({m: b[0] for m, b in built.items()}, {m: b[1] for m, b in built.items()})
@@ -115,6 +146,8 @@ class SiteExecutor(Executor):
 
     # -- tasks ------------------------------------------------------------------------------
     def execute(self, task_name: str, shareable: Shareable, fl_ctx: FLContext, abort_signal: Signal) -> Shareable:
+        if self._setup_error:
+            return self._error(self._setup_error)
         try:
             if not self._ready:
                 self._setup(fl_ctx)
@@ -127,9 +160,13 @@ class SiteExecutor(Executor):
             return make_reply(ReturnCode.TASK_UNKNOWN)
         except Exception as err:  # the server logs the reason with the site's name
             self.log_exception(fl_ctx, f"site {fl_ctx.get_identity_name()} failed {task_name}: {err}")
-            reply = make_reply(ReturnCode.EXECUTION_EXCEPTION)
-            reply.set_header(ERROR_HEADER, f"{type(err).__name__}: {err}")
-            return reply
+            return self._error(f"{type(err).__name__}: {err}")
+
+    @staticmethod
+    def _error(reason: str) -> Shareable:
+        reply = make_reply(ReturnCode.EXECUTION_EXCEPTION)
+        reply.set_header(wire.ERROR_HEADER, reason)
+        return reply
 
     def _step(self, shareable: Shareable, fl_ctx: FLContext, abort_signal: Signal) -> Shareable:
         iteration = int(shareable.get_header(wire.ITERATION) or 0)
@@ -145,31 +182,18 @@ class SiteExecutor(Executor):
                                           batch.reals[m], wire.from_wire(sent), self.loss)
             out[wire.grad_key(m)] = wire.to_wire(grad, str(sent.dtype))
             losses |= {f"{m}/{k}": float(v) for k, v in site_losses.items()}
-        self._apply_faults(iteration, out, batch, abort_signal)
+        self.before_reply(iteration, out, batch, abort_signal)
         out[wire.NEXT_MASKS] = self._next_masks()
         out[wire.LOSSES] = losses
-        if iteration % self.checkpoint_every == 0:
+        if iteration % self.settings.checkpoint_every == 0:
             atomic_save({m: {"d": self.model.discriminators[m].state_dict(), "opt": self.model.optimizers[m].state_dict()}
                          for m in self.modalities}, self.checkpoint)
         result = DXO(DataKind.APP_DEFINED, out).to_shareable()
         result.set_header(wire.ITERATION, iteration)
         return result
 
-    def _apply_faults(self, iteration: int, out: dict[str, Any], batch: SiteBatch, abort_signal: Signal) -> None:
-        """Test hooks (``faults``): misbehave on purpose so that the guards can be seen working."""
-        f = self.faults.get(self.site, {})
-        if f.get("leak_real"):
-            m = self.modalities[0]
-            out[f"real/{m}"] = wire.to_wire(batch.reals[m], "float32")
-        if "nan_from" in f and iteration >= f["nan_from"]:
-            for k in out:
-                out[k] = np.full_like(out[k], np.nan)
-        if "huge_from" in f and iteration >= f["huge_from"]:
-            for k in out:
-                out[k] = (out[k] * 1e6).astype(out[k].dtype)
-        if f.get("hang_at") == iteration:
-            import time
+    def before_reply(self, iteration: int, out: dict[str, Any], batch: SiteBatch, abort_signal: Signal) -> None:
+        """Called with a step's result (``out``, editable) before the next masks are added; nothing here.
 
-            end = time.time() + float(f.get("hang_seconds", 10))
-            while time.time() < end and not abort_signal.triggered:
-                time.sleep(0.1)
+        The tests' misbehaving sites (``tests/faulty_site.py``) override it to show the guards at work.
+        """

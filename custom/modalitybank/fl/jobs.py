@@ -1,93 +1,110 @@
-"""Job folders: find one, copy it with its settings overridden, run it in the NVFlare simulator.
+"""Jobs: made by the app (``flare_app/job.py``), found by name, run in the NVFlare simulator.
 
-The folders in ``jobs/`` run as they are (``nvflare simulator jobs/<name> -w WS -n 3 -t 3``);
-:func:`prepare_job` writes a copy whose component arguments (scale, iterations, data location,
-checkpoint folder, ...) are set from the command line, so that nothing is edited by hand.
+The folders in ``jobs/`` are what ``flare_app/job.py`` exports (configuration only; the sites have
+the package installed) and run as they are: ``nvflare simulator jobs/<name> -w WS -n 3 -t 3``.
+:func:`export_job` makes a job with other component arguments (scale, iterations, data location,
+...) or carrying its code (``with_code``) through the same job script, so nothing is edited by hand.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import re
 import shutil
 import subprocess
 import sys
 import time
+from functools import cache
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
-__all__ = ["JOBS_DIR", "find_job", "prepare_job", "simulate"]
+from modalitybank.fl import wire
+from modalitybank.fl.policy import admit_package
+from modalitybank.fl.processes import nvflare_command
+from modalitybank.resources import shared_dir
 
-#: ``jobs/`` of the repository this package was installed from.
-JOBS_DIR = Path(__file__).resolve().parents[3] / "jobs"
-_CONFIGS = ("config_fed_server.json", "config_fed_client.json")
+__all__ = ["app", "export_job", "find_job", "read_run", "simulate"]
+
+
+@cache
+def app() -> ModuleType:
+    """The job script ``flare_app/job.py`` (of the source tree, or installed with the package)."""
+    path = shared_dir("flare_app") / "job.py"
+    spec = importlib.util.spec_from_file_location("modalitybank_flare_app", path)
+    module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
+    spec.loader.exec_module(module)  # type: ignore[union-attr]
+    return module
 
 
 def find_job(job: str | Path) -> Path:
-    """A job folder given as a path, or by name under :data:`JOBS_DIR`."""
+    """A job folder given as a path, or by name in ``jobs/``."""
     path = Path(job)
     if (path / "meta.json").is_file():
         return path.resolve()
-    named = JOBS_DIR / str(job)
+    jobs = shared_dir("jobs")
+    named = jobs / str(job)
     if (named / "meta.json").is_file():
         return named
-    known = sorted(p.name for p in JOBS_DIR.glob("*") if (p / "meta.json").is_file())
-    raise FileNotFoundError(f"no job {job!r}: not a job folder, and not one of {known} in {JOBS_DIR}")
+    known = sorted(p.name for p in jobs.glob("*") if (p / "meta.json").is_file())
+    raise FileNotFoundError(f"no job {job!r}: not a job folder, and not one of {known} in {jobs}")
 
 
-def _override(node: Any, updates: dict[str, Any]) -> None:
-    """Set every component argument named in ``updates`` wherever it appears in a config."""
-    if isinstance(node, dict):
-        args = node.get("args")
-        if "path" in node and isinstance(args, dict):
-            for key, value in updates.items():
-                if key in args:
-                    args[key] = value
-        for value in node.values():
-            _override(value, updates)
-    elif isinstance(node, list):
-        for value in node:
-            _override(value, updates)
+def export_job(job: str | Path, out_dir: str | Path, with_code: bool = False, **args: Any) -> Path:
+    """The job ``job`` in ``out_dir`` (replaced), ready to run or submit.
 
-
-def prepare_job(job: str | Path, out_dir: str | Path, **updates: Any) -> Path:
-    """Copy ``job`` to ``out_dir`` (code links resolved) with component arguments set from ``updates``."""
-    src, out = find_job(job), Path(out_dir)
+    A job of the app (a name, or the committed folder of one) is made by ``flare_app/job.py``
+    with component arguments ``args`` (``scale``, ``rounds``, ``data_root``, ``pretrained``, ...;
+    ``None`` keeps the default); any other job folder is copied as it is.
+    """
+    out, path = Path(out_dir), Path(job)
+    args = {k: v for k, v in args.items() if v is not None}
+    folder = (path / "meta.json").is_file()
+    name = path.name if folder else str(job)
     if out.exists():
         shutil.rmtree(out)
-    shutil.copytree(src, out, symlinks=False, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
-    updates = {k: v for k, v in updates.items() if v is not None}
-    for config in out.rglob("config_fed_*.json"):
-        data = json.loads(config.read_text())
-        _override(data, updates)
-        config.write_text(json.dumps(data, indent=2))
+    if name in app().JOBS and (not folder or path.resolve() == find_job(name)):
+        app().make_job(name, with_code=with_code, **args).export_job(str(out.parent))
+        if out.name != name:
+            (out.parent / name).rename(out)
+        return out
+    if args or with_code:
+        raise ValueError(f"{job}: not a job of the app ({sorted(app().JOBS)}); it runs as it is, without "
+                         f"arguments {sorted(args)}{' or carried code' if with_code else ''}")
+    shutil.copytree(find_job(job), out, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
     return out
 
 
-def _nvflare() -> str:
-    exe = Path(sys.executable).with_name("nvflare")
-    return str(exe) if exe.exists() else (shutil.which("nvflare") or "nvflare")
+def read_run(checkpoint: str | Path) -> dict[str, Any] | None:
+    """What a GAN run trained (``run.json`` in its checkpoint folder), or ``None`` if it wrote none."""
+    path = Path(checkpoint) / "run.json"
+    return json.loads(path.read_text()) if path.is_file() else None
 
 
 def simulate(job: str | Path, workdir: str | Path, scale: str = "tiny", rounds: int | None = None,
              n_clients: int = 3, threads: int | None = None, clients: list[str] | None = None,
-             progress: bool = True, **updates: Any) -> dict[str, Any]:
+             progress: bool = True, with_code: bool = False, **args: Any) -> dict[str, Any]:
     """Run ``job`` in the NVFlare simulator inside ``workdir``; a second run there resumes.
 
     ``workdir/checkpoint`` holds the generator (stable across runs, so a restarted server
     resumes from it), ``workdir/workspace`` the simulator's workspace (sites' ledgers and
-    discriminators), ``workdir/simulator.log`` the log.
-    """
-    import torch
+    discriminators), ``workdir/simulator.log`` the log. Raises ``RuntimeError`` naming the reason
+    if the simulator fails, which includes a run in which too few sites joined or none trained.
 
+    Returns ``{"checkpoint", "ledgers", "rounds", "sites", "seconds", "log"}``: ``rounds`` counts the
+    iterations with accepted gradients, ``sites`` the sites that contributed (GAN jobs).
+    """
     workdir = Path(workdir).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
-    name = find_job(job).name
     checkpoint = workdir / "checkpoint"
-    job_dir = prepare_job(job, workdir / "job" / name, scale=scale, iterations=rounds, num_rounds=rounds,
-                          checkpoint_dir=str(checkpoint), **updates)
+    gan = str(job) in app().JOBS and app().JOBS[str(job)]["kind"] == "gan"
+    extra = {"checkpoint_dir": str(checkpoint)} if gan else {}
+    job_dir = export_job(job, workdir / "job" / Path(job).name, with_code=with_code, scale=scale, rounds=rounds,
+                         **extra, **args)
     workspace = workdir / "workspace"
-    cmd = [_nvflare(), "simulator", str(job_dir), "-w", str(workspace), "-t", str(threads or n_clients)]
+    admit_package(workspace / "local")  # the simulated sites' allow-list (nvflare simulator copies local/ to each)
+    cmd = [*nvflare_command(), "simulator", str(job_dir), "-w", str(workspace), "-t", str(threads or n_clients)]
     cmd += ["-c", ",".join(clients)] if clients else ["-n", str(n_clients)]
     start = time.perf_counter()
     log_path = workdir / "simulator.log"
@@ -99,13 +116,11 @@ def simulate(job: str | Path, workdir: str | Path, scale: str = "tiny", rounds: 
                 print(line.rstrip()[-220:], file=sys.stderr)
         code = proc.wait()
     seconds = round(time.perf_counter() - start, 1)
-    tail = log_path.read_text()[-3000:]
-    if code != 0 or "Simulator run error" in tail:
-        raise RuntimeError(f"nvflare simulator failed (exit {code}); see {log_path}:\n{tail}")
-    ledgers = sorted(str(p) for p in workspace.rglob("modalitybank_ledger.jsonl"))
-    state = checkpoint / "server_state.pt"
-    done = torch.load(state, map_location="cpu", weights_only=False)["iteration"] if state.is_file() else None
-    sites = sorted({json.loads(line)["site"] for path in ledgers if "/server/" in path
-                    for line in Path(path).read_text().splitlines() if line.strip()})
-    return {"checkpoint": str(checkpoint), "ledgers": ledgers, "rounds": done, "sites": sites, "seconds": seconds,
-            "log": str(log_path)}
+    run = read_run(checkpoint)
+    if code != 0 or "Simulator run error" in log_path.read_text()[-3000:]:
+        reason = f": {run['reason']}" if run and run.get("reason") else ""
+        raise RuntimeError(f"nvflare simulator failed (exit {code}){reason}; see {log_path}:\n"
+                           f"{log_path.read_text()[-2000:]}")
+    ledgers = sorted(str(p) for p in workspace.rglob(wire.LEDGER_FILE))
+    return {"checkpoint": str(checkpoint), "ledgers": ledgers, "rounds": run["accepted_iterations"] if run else None,
+            "sites": run["sites"] if run else [], "seconds": seconds, "log": str(log_path)}

@@ -26,10 +26,7 @@ from modalitybank import config
 from modalitybank.fl import wire
 from modalitybank.fl.ledger import Ledger
 
-__all__ = ["BLOCKED_HEADER", "LEDGER_FILE", "PrivacyGuard", "TaskManifestRecorder", "check_result", "ledger_for"]
-
-LEDGER_FILE = "modalitybank_ledger.jsonl"
-BLOCKED_HEADER = "modalitybank_blocked"
+__all__ = ["PrivacyGuard", "TaskManifestRecorder", "check_result", "ledger_for"]
 
 Manifest = dict[str, tuple[tuple[int, ...], str]]
 _sent: dict[str, tuple[Manifest, int | None]] = {}  # task id -> what the server sent (arrays), iteration
@@ -95,7 +92,7 @@ _ledgers: dict[Path, Ledger] = {}
 def ledger_for(fl_ctx: FLContext) -> Ledger:
     """The site's ledger for this job, in the job's run directory (one object per file)."""
     engine = fl_ctx.get_engine()
-    path = Path(engine.get_workspace().get_run_dir(fl_ctx.get_job_id())) / LEDGER_FILE
+    path = Path(engine.get_workspace().get_run_dir(fl_ctx.get_job_id())) / wire.LEDGER_FILE
     with _sent_lock:
         if path not in _ledgers:
             _ledgers[path] = Ledger(path)
@@ -145,7 +142,7 @@ class PrivacyGuard(Filter):
             ledger.record(site, "sent", task, data, iteration, status="blocked", note=note)
             self.log_error(fl_ctx, f"privacy guard blocked the result of {task} at iteration {iteration}: {note}")
             reply = make_reply(ReturnCode.TASK_RESULT_FILTER_ERROR)
-            reply.set_header(BLOCKED_HEADER, note)
+            reply.set_header(wire.BLOCKED_HEADER, note)
             return reply
         ledger.record(site, "sent", task, data, iteration)
         return shareable

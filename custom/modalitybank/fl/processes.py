@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -14,13 +13,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-__all__ = ["check_loopback", "cli_env", "kill_leftovers", "listening", "log_tail", "nvflare", "nvflare_exe"]
+__all__ = ["check_loopback", "cli_env", "kill_leftovers", "listening", "log_tail", "nvflare", "nvflare_command"]
 
 # -- running the NVFlare CLI ----------------------------------------------------------------
 
 def cli_env(workdir: Path, **extra: str) -> dict[str, str]:
     """Environment of every NVFlare command and process: its own HOME, this interpreter first on PATH."""
-    from modalitybank.data.default import CACHE_ROOT
+    from modalitybank.config import CACHE_ROOT
 
     home = workdir / "home"
     home.mkdir(parents=True, exist_ok=True)
@@ -30,9 +29,10 @@ def cli_env(workdir: Path, **extra: str) -> dict[str, str]:
     return env
 
 
-def nvflare_exe() -> str:
-    exe = Path(sys.executable).with_name("nvflare")
-    return str(exe) if exe.exists() else (shutil.which("nvflare") or "nvflare")
+def nvflare_command() -> list[str]:
+    """The NVFlare CLI of this interpreter (``python -m nvflare.cli``): the processes it starts then
+    import the same ``modalitybank`` as the caller, also from a virtual environment."""
+    return [sys.executable, "-m", "nvflare.cli"]
 
 
 def nvflare(args: list[str], env: dict[str, str], workdir: Path, timeout: float, check: bool = True,
@@ -45,7 +45,7 @@ def nvflare(args: list[str], env: dict[str, str], workdir: Path, timeout: float,
     args = [str(a) for a in args]
     logs = workdir / "logs"
     logs.mkdir(parents=True, exist_ok=True)
-    cmd = [nvflare_exe()] + (["--format", "json"] if as_json else []) + args
+    cmd = nvflare_command() + (["--format", "json"] if as_json else []) + args
     out_path, err_path = logs / "nvflare.out", logs / "nvflare.err"
     t0 = time.perf_counter()
     with open(out_path, "w") as out, open(err_path, "w") as err:

@@ -111,6 +111,7 @@ class FedSegmentationNet(BasicUNet):
     def __init__(self, experiment: str = "multimodal", out_channels: int = 2) -> None:
         super().__init__(spatial_dims=2, in_channels=len(experiment_modalities(experiment)),
                          out_channels=out_channels, features=_FEATURES)
+        self.experiment = experiment  # read back by NVFlare's Job API when it writes the job config
 
 
 @torch.no_grad()
@@ -170,9 +171,9 @@ class FedAvgSegmentationExecutor(Executor):
         config.preset(scale)  # fail early on an unknown scale
         self.channels = experiment_modalities(experiment)
         self.scale, self.experiment, self.data_root, self.cache_dir = scale, experiment, data_root, cache_dir
-        self.local_steps = int(local_steps) or DEFAULT_LOCAL_STEPS.get(scale, 10)
-        self.local_epochs = int(local_epochs)
-        self.batch_size = int(batch_size) or config.preset(scale)["train"]["batch_size"]
+        self.local_steps, self.local_epochs, self.batch_size = int(local_steps), int(local_epochs), int(batch_size)
+        self._steps = self.local_steps or DEFAULT_LOCAL_STEPS.get(scale, 10)
+        self._batch = self.batch_size or config.preset(scale)["train"]["batch_size"]
         self.lr, self.seed, self.threads = lr, seed, threads
         self.train_task_name, self.validate_task_name = train_task_name, validate_task_name
         self.submit_model_task_name = submit_model_task_name
@@ -181,15 +182,15 @@ class FedAvgSegmentationExecutor(Executor):
     # -- set-up -----------------------------------------------------------------------------
     def _setup(self, fl_ctx: FLContext) -> None:
         from modalitybank.data.brats import SiteDataset
-        from modalitybank.data.default import CACHE_ROOT, default_phantom
+        from modalitybank.fl.executor import site_data
 
         torch.set_num_threads(self.threads)
         self.site = fl_ctx.get_identity_name()
         self.centre = config.centre_of_site(self.site)
         self.modalities = list(config.experiment(self.experiment)["sites"][self.centre])
-        root = Path(self.data_root) if self.data_root else default_phantom(self.scale, self.seed)
+        root, cache = site_data(self.data_root, self.cache_dir, self.scale, self.seed)
         slices = config.preset(self.scale)["slices"]
-        kw = dict(cache_dir=self.cache_dir or CACHE_ROOT / "slices", image_size=slices["image_size"],
+        kw = dict(cache_dir=cache, image_size=slices["image_size"],
                   min_tumour_fraction=slices["min_tumour_fraction"], max_slices_per_case=slices["max_slices_per_case"])
         train = SiteDataset(root, self.centre, self.modalities, split="train", **kw)
         test = SiteDataset(root, None, self.channels, split="test", **kw)
@@ -213,7 +214,7 @@ class FedAvgSegmentationExecutor(Executor):
     def _batches(self, seed: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         generator = torch.Generator().manual_seed(seed)
         n = self.train_images.shape[0]
-        size = min(self.batch_size, n)
+        size = min(self._batch, n)
         while True:
             order = torch.randperm(n, generator=generator)
             for i in range(0, n - size + 1, size):
@@ -222,8 +223,8 @@ class FedAvgSegmentationExecutor(Executor):
 
     def _steps_this_round(self) -> int:
         if self.local_epochs:
-            return self.local_epochs * max(1, self.train_images.shape[0] // min(self.batch_size, self.train_images.shape[0]))
-        return self.local_steps
+            return self.local_epochs * max(1, self.train_images.shape[0] // min(self._batch, self.train_images.shape[0]))
+        return self._steps
 
     # -- tasks ------------------------------------------------------------------------------
     def execute(self, task_name: str, shareable: Shareable, fl_ctx: FLContext, abort_signal: Signal) -> Shareable:

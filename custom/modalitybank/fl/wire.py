@@ -17,17 +17,31 @@ import numpy as np
 import torch
 
 __all__ = [
-    "BRAIN_BIT", "LOSSES", "MASK_CODES", "MODALITIES", "NEXT_MASKS", "SLICES", "TASK_HELLO", "TASK_STEP",
-    "decode_masks", "describe", "encode_masks", "fake_key", "from_wire", "grad_key", "modality_of", "to_wire",
+    "BLOCKED_HEADER", "BRAIN_BIT", "ERROR_HEADER", "ITERATION", "LEDGER_FILE", "LOSSES", "MASK_CODES", "MODALITIES",
+    "NEXT_MASKS", "SLICES", "TASKS", "TASK_HELLO", "TASK_STEP", "decode_masks", "describe", "encode_masks", "fake_key",
+    "from_wire", "grad_key", "modality_of", "to_wire",
 ]
 
+# -- tasks ----------------------------------------------------------------------------------
 TASK_HELLO = "modalitybank_hello"  # site -> its modalities and first masks
 TASK_STEP = "modalitybank_gan_step"  # fakes -> gradients + next masks
+#: Every task of the protocol (what the site executor and the site's filters are bound to).
+TASKS = (TASK_HELLO, TASK_STEP)
+
+# -- message keys and headers ---------------------------------------------------------------
 NEXT_MASKS = "next_masks"
 LOSSES = "losses"
 MODALITIES = "modalities"
 SLICES = "slices"
+#: Header of every task and result: the iteration it belongs to.
 ITERATION = "iteration"
+#: Result header set by a site's privacy guard when it blocked a result (the reason).
+BLOCKED_HEADER = "modalitybank_blocked"
+#: Result header set by a site that failed a task (the reason).
+ERROR_HEADER = "modalitybank_error"
+
+#: The ledger every participant keeps in its run directory (one JSON line per key sent or received).
+LEDGER_FILE = "modalitybank_ledger.jsonl"
 
 #: Added to the label inside the brain mask.
 BRAIN_BIT = 8

@@ -1,0 +1,155 @@
+"""The job folders as committed: made by flare_app/job.py, run verbatim by NVFlare's own CLI, fail loudly."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from modalitybank.fl.jobs import app, export_job, read_run
+from modalitybank.fl.policy import PACKAGE_PREFIX, admit_package
+from modalitybank.resources import shared_dir
+
+REPO = Path(__file__).resolve().parents[1]
+NVFLARE = [sys.executable, "-m", "nvflare.cli"]
+
+
+def _tree(root: Path) -> dict[str, object]:
+    """Every file below ``root``: JSON parsed (key order and layout do not matter), others as bytes."""
+    out: dict[str, object] = {}
+    for path in sorted(root.rglob("*")):
+        if path.is_file():
+            rel = str(path.relative_to(root))
+            out[rel] = json.loads(path.read_text()) if path.suffix == ".json" else path.read_bytes()
+    return out
+
+
+def test_committed_jobs_are_what_the_app_makes(tmp_path) -> None:
+    """jobs/ is flare_app/job.py's export: change the app, re-export (`python flare_app/job.py --export jobs`)."""
+    made = app().export_jobs(tmp_path)
+    assert sorted(p.name for p in made) == sorted(app().JOBS)
+    for path in made:
+        committed = shared_dir("jobs") / path.name
+        assert _tree(path) == _tree(committed), f"jobs/{path.name} differs from what flare_app/job.py makes"
+
+
+def test_committed_jobs_hold_configuration_only() -> None:
+    for name in app().JOBS:
+        job = shared_dir("jobs") / name
+        assert not [p for p in job.rglob("*") if p.is_symlink()]
+        assert not (job / "app" / "custom").exists()  # no BYOC: the sites' installed package runs
+        configs = [json.loads(p.read_text()) for p in job.rglob("config_fed_*.json")]
+        paths = re.findall(r'"path": "([^"]+)"', json.dumps(configs))
+        assert paths and all(p.startswith(("nvflare.", PACKAGE_PREFIX)) for p in paths)
+
+
+def test_job_with_code_carries_the_runtime_only(tmp_path) -> None:
+    job = export_job("modalitybank_missing_modality", tmp_path / "job", with_code=True, scale="small", rounds=7)
+    custom = job / "app" / "custom"
+    modules = {str(p.relative_to(custom / "modalitybank")) for p in (custom / "modalitybank").rglob("*.py")}
+    runtime = {"layers.py", "bank.py", "networks.py", "gan.py", "fl/wire.py", "fl/privacy.py", "fl/executor.py",
+               "fl/controller.py", "fl/ledger.py", "data/brats.py", "data/brats_cases.py", "data/slices.py"}
+    assert runtime <= modules
+    assert not modules & {"fl/deploy.py", "fl/jobs.py", "bench.py", "cli.py", "data/phantom.py", "data/anatomy.py",
+                          "data/default.py", "fl/segmentation.py"}
+    assert (custom / "modalitybank" / "configs" / "presets.json").is_file()
+    assert (custom / "site_discriminator" / "configs" / "train.json").is_file()
+    server = json.loads((job / "app" / "config" / "config_fed_server.json").read_text())["workflows"][0]["args"]
+    client = json.loads((job / "app" / "config" / "config_fed_client.json").read_text())["executors"][0]
+    assert server["scale"] == "small" and server["iterations"] == 7 and server["experiment"] == "missing_modality"
+    assert client["executor"]["args"]["scale"] == "small" and "iterations" not in client["executor"]["args"]
+
+
+def test_unknown_job_arguments_are_refused(tmp_path) -> None:
+    with pytest.raises(ValueError, match="unknown arguments \\['data_rot'\\]"):
+        export_job("modalitybank_multimodal", tmp_path / "job", data_rot="/x")
+
+
+def test_simulator_workspace_admits_the_package() -> None:
+    """The committed simulator workspace holds the sites' allow-list, as admit_package writes it."""
+    committed = json.loads((REPO / "workspace" / "local" / "resources.json").read_text())
+    assert PACKAGE_PREFIX in committed["class_allow_list"]
+
+
+def test_admit_package_keeps_the_site_list(tmp_path) -> None:
+    (tmp_path / "resources.json.default").write_text(json.dumps({"format_version": 2, "class_allow_list": ["a.b"],
+                                                                 "components": []}))
+    written = json.loads(admit_package(tmp_path).read_text())
+    assert written == {"format_version": 2, "class_allow_list": ["a.b", PACKAGE_PREFIX], "components": []}
+
+
+def _readme_line(prefix: str) -> str:
+    lines = [line.strip() for line in (REPO / "README.md").read_text().splitlines() if line.strip().startswith(prefix)]
+    assert lines, f"the README has no line starting with {prefix!r}"
+    return lines[0]
+
+
+@pytest.mark.slow
+def test_readme_simulator_line_runs_verbatim() -> None:
+    """The README's `nvflare simulator jobs/modalitybank_multimodal ...`, as written, from the repository root."""
+    line = _readme_line("nvflare simulator jobs/modalitybank_multimodal")
+    workspace = REPO / shlex.split(line)[shlex.split(line).index("-w") + 1]
+    done = subprocess.run(line, shell=True, cwd=REPO, capture_output=True, text=True, timeout=1500)
+    log = done.stdout + done.stderr
+    assert done.returncode == 0, log[-3000:]
+    for site in ("site-1", "site-2", "site-3"):
+        assert f"site {site} joined" in log
+    checkpoint = workspace / "server" / "simulate_job" / "checkpoint"
+    assert sorted(p.stem for p in (checkpoint / "entries").glob("*.pt")) == ["flair", "t1", "t2"]
+    run = read_run(checkpoint)
+    assert run["status"] == "completed" and run["sites"] == ["site-1", "site-2", "site-3"]
+    assert run["accepted_iterations"] == run["iterations"] > 0
+
+
+@pytest.mark.slow
+def test_no_site_can_join_fails_with_the_reasons(tmp_path) -> None:
+    missing = tmp_path / "no-such-brats"
+    # our command
+    done = subprocess.run([sys.executable, "-m", "modalitybank.cli", "fl", "simulate", "modalitybank_multimodal",
+                           "--data", str(missing), "--rounds", "2", "--workdir", str(tmp_path / "ours"), "--json"],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode != 0 and '"rounds"' not in done.stdout
+    for site in ("site-1", "site-2", "site-3"):
+        assert f"{site}: EXECUTION_EXCEPTION: BratsDataError: {missing}: data root does not exist" in done.stderr
+    assert read_run(tmp_path / "ours" / "checkpoint")["status"] == "failed"
+    # NVFlare's own simulator on the same job
+    job = export_job("modalitybank_multimodal", tmp_path / "job", data_root=str(missing), rounds=2)
+    workspace = tmp_path / "ws"
+    admit_package(workspace / "local")
+    done = subprocess.run([*NVFLARE, "simulator", str(job), "-w", str(workspace), "-n", "2", "-t", "2"],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode != 0
+    assert "run failed: 0 of 2 sites joined" in done.stdout + done.stderr
+    assert "site site-2 could not join: EXECUTION_EXCEPTION: BratsDataError" in done.stdout + done.stderr
+
+
+@pytest.mark.slow
+def test_installed_package_runs_outside_the_repository(tmp_path, phantom_root, cache_dir, pretrained) -> None:
+    """`pip install .` (not editable) into a fresh virtual environment; the command runs from elsewhere."""
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], check=True, timeout=300)
+    python = venv / "bin" / "python"
+    subprocess.run([str(python), "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation", str(REPO)],
+                   check=True, timeout=600, cwd=tmp_path)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    where = subprocess.run([str(python), "-c", "import modalitybank, modalitybank.resources as r; "
+                            "print(modalitybank.__file__); print(r.bundle_dir('site_discriminator'))"],
+                           capture_output=True, text=True, check=True, cwd=elsewhere, env=env).stdout.split()
+    assert all(Path(p).is_relative_to(venv) for p in where), where  # not the source tree
+    done = subprocess.run([str(venv / "bin" / "modalitybank"), "fl", "simulate", "modalitybank_multimodal",
+                           "--rounds", "2", "--workdir", "run", "--data", str(phantom_root), "--cache-dir",
+                           str(cache_dir), "--pretrained", str(pretrained), "--json"], capture_output=True, text=True, cwd=elsewhere, env=env,
+                          timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["rounds"] == 2 and result["sites"] == ["site-1", "site-2", "site-3"]
+    sites_code = (elsewhere / "run" / "workspace" / "site-1" / "log.txt").read_text()
+    assert f"code from {venv}" in sites_code
