@@ -131,12 +131,41 @@ def test_segmentation_metadata_is_what_monai_label_reads() -> None:
 
 
 # -- network I/O ----------------------------------------------------------------------------------
-@pytest.mark.parametrize("b, config", [(GENERATOR, "inference.json"), (SEGMENTATION, "inference.json"),
-                                       (DISCRIMINATOR, "train.json")], ids=["generator", "segmentation", "discriminator"])
-def test_verify_net_in_out(b: Path, config: str) -> None:
-    proc = bundle("verify_net_in_out", "network_def", "--meta_file", cfg(b, "metadata.json"),
-                  "--config_file", cfg(b, config), "--n", "2")
-    assert "data shape of network is verified with no error" in proc.stdout + proc.stderr
+@pytest.mark.parametrize("b", ALL_BUNDLES, ids=lambda b: b.name)
+def test_verify_net_in_out(b: Path) -> None:
+    """What model-zoo's ci/verify_bundle.py runs: verify_net_in_out on network_def of inference.json."""
+    from monai.bundle import verify_net_in_out
+
+    verify_net_in_out(net_id="network_def", meta_file=cfg(b, "metadata.json"), config_file=cfg(b, "inference.json"),
+                      bundle_root=str(b), n=2, device="cpu")
+
+
+@pytest.mark.parametrize("b", ALL_BUNDLES, ids=lambda b: b.name)
+def test_ckpt_export_of_model_pt_in_one_step(b: Path, tmp_path: Path) -> None:
+    """ckpt_export of network_def from models/model.pt (verify_bundle.py's TorchScript check), and the
+    TorchScript module computes what the eager network_def with model.pt loaded computes."""
+    from monai.bundle import ConfigParser, ckpt_export
+    from monai.data import load_net_with_metadata
+
+    ts_path = tmp_path / "model.ts"
+    ckpt_export(net_id="network_def", filepath=str(ts_path), ckpt_file=str(b / "models" / "model.pt"),
+                meta_file=cfg(b, "metadata.json"), config_file=cfg(b, "inference.json"), bundle_root=str(b))
+    scripted, meta, extra = load_net_with_metadata(str(ts_path), more_extra_files=["inference.json"])
+    assert isinstance(scripted, torch.jit.ScriptModule) and meta["version"] == _meta(b)["version"]
+    assert "network_def" in json.loads(extra["inference.json"])
+    parser = ConfigParser()
+    parser.read_config(cfg(b, "inference.json"))
+    parser["bundle_root"] = str(b)
+    net = parser.get_parsed_content("network_def")
+    net.load_state_dict(torch.load(b / "models" / "model.pt", weights_only=True))
+    channels = _meta(b)["network_data_format"]["inputs"]["image"]["num_channels"]
+    x = torch.rand(2, channels, 64, 64, generator=torch.Generator().manual_seed(0))
+    if b is not SEGMENTATION:
+        x[:, :5] = (x[:, :5] > 0.5).float()  # mask channels are binary
+    with torch.no_grad():
+        eager, ts_out = net.eval()(x), scripted(x)
+    assert ts_out.shape == eager.shape
+    assert (ts_out - eager).abs().max().item() <= TS_ATOL
 
 
 # -- the generator bundle -------------------------------------------------------------------------
@@ -166,49 +195,65 @@ def test_shipped_generator_loads_and_folds() -> None:
         folded_generator(models, "t1")
 
 
-def test_ckpt_export_generator_with_an_entry_folded(tmp_path: Path) -> None:
+def test_generator_model_pt_holds_every_entry_and_modality_selects_one() -> None:
+    from modalitybank.bundle import BankGenerator
+    from modalitybank.store import load_generator, read_info
+
+    models = GENERATOR / "models"
+    state = torch.load(models / "model.pt", weights_only=True)
+    entries = {k.split(".entries.")[1].split(".")[0] for k in state if ".entries." in k}
+    assert entries == set(_meta(GENERATOR)["modalities"]) == set(read_info(models)["modalities"])
+    gen = load_generator(models).eval()
+    assert set(state) == {f"generator.{k}" for k in gen.state_dict()}  # the base and every entry, nothing else
+    x = (torch.rand(2, 5, 64, 64, generator=torch.Generator().manual_seed(1)) > 0.5).float()
+    outs = {}
+    with torch.no_grad():
+        for m in ("t1c", "t2", "flair"):
+            net = BankGenerator(read_info(models)["architecture"], read_info(models)["modalities"], m)
+            net.load_state_dict(state)
+            outs[m] = net.eval()(x)
+            torch.testing.assert_close(outs[m], gen.generate(x, [m])[m], atol=1e-6, rtol=0)
+    assert (outs["t2"] - outs["flair"]).abs().mean() > 0.01  # the modality key changes the output
+    with pytest.raises(KeyError, match="t1"):
+        BankGenerator(read_info(models)["architecture"], read_info(models)["modalities"], "t1")
+
+
+def test_ckpt_export_generator_from_the_command_line(tmp_path: Path) -> None:
+    """The documented one-step export: ckpt_export network_def --modality t2 from models/model.pt."""
     from monai.data import load_net_with_metadata
 
-    from modalitybank.bundle import folded_generator
     from modalitybank.store import load_generator
 
-    ckpt, ts_path = tmp_path / "model_t2.pt", tmp_path / "model_t2.ts"
-    bundle("run", "export_state", "--config_file", cfg(GENERATOR, "inference.json"), "--modality", "t2",
-           "--folded_ckpt", str(ckpt))
-    assert ckpt.is_file()
+    ts_path = tmp_path / "model_t2.ts"
     bundle("ckpt_export", "network_def", "--config_file", cfg(GENERATOR, "inference.json"),
            "--meta_file", cfg(GENERATOR, "metadata.json"), "--modality", "t2",
-           "--ckpt_file", str(ckpt), "--filepath", str(ts_path))
-    scripted, meta, extra = load_net_with_metadata(str(ts_path), more_extra_files=["inference.json"])
-    assert isinstance(scripted, torch.jit.ScriptModule) and meta["version"] == _meta(GENERATOR)["version"]
-    assert "network_def" in json.loads(extra["inference.json"])
+           "--ckpt_file", str(GENERATOR / "models" / "model.pt"), "--filepath", str(ts_path))
+    scripted, _, _ = load_net_with_metadata(str(ts_path))
     x = (torch.rand(2, 5, 64, 64, generator=torch.Generator().manual_seed(0)) > 0.5).float()
     with torch.no_grad():
-        eager_bank = load_generator(GENERATOR / "models").eval().generate(x, ["t2"])["t2"]
-        ts_out = scripted(x)
-    assert ts_out.shape == (2, 1, 64, 64)
-    assert (ts_out - eager_bank).abs().max().item() <= TS_ATOL
-    # the checkpoint names the entry it was folded from: loading it for another one fails loudly
-    with pytest.raises(RuntimeError, match="folded for 't2'"):
-        folded_generator(GENERATOR / "models", "flair").load_state_dict(torch.load(ckpt, weights_only=True))
+        eager = load_generator(GENERATOR / "models").eval().generate(x, ["t2"])
+        assert (scripted(x) - eager["t2"]).abs().max().item() <= TS_ATOL
 
 
 @pytest.fixture(scope="module")
 def generator_models(phantom_root: Path, cache_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """models/ as the generator bundle's pretrain.json and train.json write it (2 iterations each)."""
+    """models/ as the generator bundle's pretrain.json (2 iterations) and train.json (the trainer's
+    max_epochs and the optimiser's lr overridden as in any bundle: 2 epochs of 1 iteration) write it."""
     work = tmp_path_factory.mktemp("generator_bundle")
-    common = ["--dataset_dir", str(phantom_root), "--cache_dir", str(cache_dir), "--iterations", "2",
-              "--progress", "False", "--pretrain_dir", str(work / "pretrain")]
-    bundle("run", "--config_file", cfg(GENERATOR, "pretrain.json"), *common)
-    bundle("run", "--config_file", cfg(GENERATOR, "train.json"), *common, "--bank_dir", str(work / "bank"),
-           "--models_dir", str(work / "models"))
+    common = ["--dataset_dir", str(phantom_root), "--cache_dir", str(cache_dir), "--progress", "False",
+              "--pretrain_dir", str(work / "pretrain")]
+    bundle("run", "--config_file", cfg(GENERATOR, "pretrain.json"), *common, "--iterations", "2")
+    proc = bundle("run", "--config_file", cfg(GENERATOR, "train.json"), *common, "--bank_dir", str(work / "bank"),
+                  "--models_dir", str(work / "models"), "--epoch_length", "1", "--trainer#max_epochs", "2",
+                  "--optimizer#lr", "0.0001", "--log_every", "1")
+    (work / "train.log").write_text(proc.stdout + proc.stderr)
     return work
 
 
 @pytest.mark.slow
 def test_generator_bundle_trains_into_the_store_layout(generator_models: Path) -> None:
     models = generator_models / "models"
-    assert sorted(p.name for p in models.iterdir()) == ["base.pt", "entries", "generator.json"]
+    assert sorted(p.name for p in models.iterdir()) == ["base.pt", "entries", "generator.json", "model.pt"]
     assert sorted(p.stem for p in (models / "entries").glob("*.pt")) == ["flair", "t1c", "t2"]
     info = json.loads((models / "generator.json").read_text())
     assert info["stage"] == "bank" and info["experiment"] == "missing_modality"
@@ -217,6 +262,37 @@ def test_generator_bundle_trains_into_the_store_layout(generator_models: Path) -
     shipped = torch.load(models / "base.pt", weights_only=True)["state"]
     assert all(torch.equal(pre[k], shipped[k]) for k in pre)  # the base stayed frozen
     assert len((generator_models / "bank" / "metrics.jsonl").read_text().splitlines()) == 2
+
+
+@pytest.mark.slow
+def test_generator_train_config_runs_the_gan_trainer_with_overrides(generator_models: Path) -> None:
+    """--trainer#max_epochs 2 --epoch_length 1 --optimizer#lr 1e-4: two GanTrainer iterations, losses logged
+    finite, the entries learned and published, the state checkpointed with the overridden lr."""
+    import re
+
+    from modalitybank.bundle import BankGenerator
+    from modalitybank.store import read_info
+
+    log = (generator_models / "train.log").read_text()
+    assert "Epoch[2] Complete" in log and "Epoch[3]" not in log
+    logged = [float(v) for v in re.findall(r"g_l1: ([-+0-9.eE]+|nan|inf)", log)]
+    assert len(logged) == 2 and all(np.isfinite(logged))
+    lines = [json.loads(line) for line in (generator_models / "bank" / "metrics.jsonl").read_text().splitlines()]
+    assert [line["iteration"] for line in lines] == [1, 2]
+    assert all(np.isfinite(v) for line in lines for v in line["mean"].values())
+    state = torch.load(generator_models / "bank" / "state.pt", weights_only=False)
+    assert state["iteration"] == 2 and state["g_opt"]["param_groups"][0]["lr"] == pytest.approx(1e-4)
+    models = generator_models / "models"
+    pre_entry = torch.load(models / "entries" / "t2.pt", weights_only=True)["state"]
+    gamma = next(k for k in pre_entry if k.endswith("gamma"))
+    base = torch.load(generator_models / "pretrain" / "base.pt", weights_only=True)["state"]
+    from modalitybank.layers import weight_statistics
+
+    _, std = weight_statistics(base[gamma.replace(".gamma", ".weight")])
+    assert not torch.allclose(pre_entry[gamma], std.flatten(2).squeeze(-1))  # learned, not the identity entry
+    info = read_info(models)
+    net = BankGenerator(info["architecture"], info["modalities"], "t2")
+    net.load_state_dict(torch.load(models / "model.pt", weights_only=True))  # model.pt published with the run
 
 
 @pytest.mark.slow
@@ -275,6 +351,69 @@ def test_site_discriminator_from_bundle_is_what_the_reference_loop_builds() -> N
     joint = JointInputDiscriminator(d).eval()
     with torch.no_grad():
         torch.testing.assert_close(joint(torch.cat([mask, real], 1)), d.eval()(mask, real))
+
+
+@pytest.mark.slow
+def test_site_discriminator_inference_writes_realism_maps(phantom_root: Path, tmp_path: Path) -> None:
+    """inference.json scores each test case's (label map, FLAIR) pair into a realism map (NIfTI) and a JSON."""
+    out = tmp_path / "realism"
+    bundle("run", "--config_file", cfg(DISCRIMINATOR, "inference.json"), "--dataset_dir", str(phantom_root),
+           "--split", "test", "--output_dir", str(out))
+    tests = sorted(json.loads((phantom_root / "splits.json").read_text())["test"])
+    summary = json.loads((out / "realism.json").read_text())
+    assert sorted(summary["cases"]) == tests
+    for case in tests:
+        seg = nib.load(phantom_root / "HGG" / case / f"{case}_seg.nii.gz")
+        brain = np.asarray(nib.load(phantom_root / "HGG" / case / f"{case}_flair.nii.gz").dataobj) > 0
+        realism = nib.load(out / case / f"{case}_realism.nii.gz")
+        data = np.asarray(realism.dataobj)
+        assert realism.shape == seg.shape and np.allclose(realism.affine, seg.affine)
+        assert 0 <= data.min() and data.max() <= 1 and (data[~brain] == 0).all() and data[brain].max() > 0
+        per_case = json.loads((out / case / f"{case}_realism.json").read_text())
+        assert per_case["tumour_slices"] > 0 and 0 <= per_case["score"] <= 1
+        assert per_case["score"] == pytest.approx(summary["cases"][case]["score"])
+
+
+def _realism_scores(phantom_root: Path) -> dict[str, list[float]]:
+    """Scores of the shipped discriminator for real (mask, FLAIR) pairs, for mismatched ones (the mask of
+    one case with the FLAIR of the next) and for the shipped generator's FLAIR of each mask."""
+    from monai.bundle import ConfigParser
+
+    from modalitybank.bundle import folded_generator, realism_volume
+    from modalitybank.synthesis import synthesize_volume
+
+    parser = ConfigParser()
+    parser.read_config(cfg(DISCRIMINATOR, "inference.json"))
+    parser["bundle_root"] = str(DISCRIMINATOR)
+    parser["device"] = "cpu"
+    net, size = parser.get_parsed_content("network"), parser.get_parsed_content("image_size")
+    cases = sorted(p.name for p in (phantom_root / "HGG").iterdir())
+
+    def load(case: str, suffix: str) -> np.ndarray:
+        return np.asarray(nib.load(phantom_root / "HGG" / case / f"{case}_{suffix}.nii.gz").dataobj)
+
+    generator = folded_generator(GENERATOR / "models", "flair")
+    scores: dict[str, list[float]] = {"real": [], "mismatched": [], "synthetic": []}
+    for i, case in enumerate(cases):
+        seg, flair = load(case, "seg"), load(case, "flair")
+        scores["real"].append(realism_volume(net, seg, flair, size)[1]["score"])
+        scores["mismatched"].append(realism_volume(net, seg, load(cases[(i + 1) % len(cases)], "flair"), size)[1]["score"])
+
+        class _Folded(torch.nn.Module):  # synthesize_volume asks for generate(mask, modalities)
+            def generate(self, mask: torch.Tensor, modalities: list[str]) -> dict[str, torch.Tensor]:
+                return {m: generator(mask) for m in modalities}
+
+        fake = synthesize_volume(_Folded(), seg.astype(np.uint8), flair > 0, ["flair"], size)["flair"]
+        scores["synthetic"].append(realism_volume(net, seg, fake.astype(np.float32), size)[1]["score"])
+    return scores
+
+
+@pytest.mark.slow
+def test_site_discriminator_scores_real_pairs_above_mismatched_and_synthetic(phantom_root: Path) -> None:
+    scores = _realism_scores(phantom_root)
+    real, mismatched, synthetic = (np.array(scores[k]) for k in ("real", "mismatched", "synthetic"))
+    assert real.mean() > mismatched.mean() + 0.05, scores
+    assert real.mean() > synthetic.mean() + 0.05, scores
 
 
 # -- the segmentation bundle ----------------------------------------------------------------------
@@ -455,4 +594,6 @@ def test_publish_generator_mirrors_the_run(tmp_path: Path) -> None:
     assert result["modalities"] == ["flair", "t2"]
     assert sorted(p.name for p in (models / "entries").iterdir()) == ["flair.pt", "t2.pt"]
     assert not (models / "model_t2.pt").exists()
+    assert set(result) >= {"model"} and (models / "model.pt").is_file()  # network_def's checkpoint, rewritten
+    assert not any(".entries.t1c." in k for k in torch.load(models / "model.pt", weights_only=True))
     assert json.loads((models / "generator.json").read_text())["data_root"] == "data"

@@ -1,5 +1,6 @@
-"""The generator bundle (``bundles/modalitybank_generator``): its ``network_def`` (the generator
-with one bank entry folded in), publishing a run into ``models/``, label maps → NIfTI per modality."""
+"""The generator bundle (``bundles/modalitybank_generator``): its ``network_def`` (the generator with
+its base and every bank entry, making the modality named by the config key ``modality``), publishing a
+run into ``models/`` (store layout plus ``model.pt``), label maps → NIfTI per modality."""
 
 from __future__ import annotations
 
@@ -53,6 +54,93 @@ def _check_tag(module: nn.Module, state_dict: dict, prefix: str, local_metadata:
                           f"not for {module.modality!r}")
 
 
+class BankGenerator(nn.Module):
+    """The bank generator with its frozen base and every bank entry, making one modality: the bundle's
+    ``network_def``.
+
+    Its state (``model.pt``) is the whole generator — the base and all entries — so one checkpoint
+    serves every modality; ``modality`` only selects which entry the forward pass uses. Eager, the
+    entry modulates the base on the fly (mAdaFM, exactly as in training). ``torch.jit.script`` (what
+    ``ckpt_export`` runs) scripts :meth:`fold`'s network instead, through ``__prepare_scriptable__``:
+    the selected entry folded into plain convolutions, the same function of the input.
+
+    Args:
+        architecture: the :class:`~modalitybank.networks.ResnetGenerator` arguments, as
+            ``generator.json`` stores them under ``"architecture"`` (``modulated`` must be true).
+        modalities: the bank entries the generator holds (all of them: their parameters are its state).
+        modality: the modality it makes: one of ``modalities``, or the base's own modality
+            (``architecture["base_modality"]``, made without an entry) when no entry has that name.
+
+    Shapes: ``(N, 5, H, W)`` mask channels (:func:`~modalitybank.networks.mask_channels`) →
+    ``(N, 1, H, W)`` image in [-1, 1]; ``H, W`` divisible by ``2 ** n_downsampling``.
+
+    Example::
+
+        >>> net = BankGenerator(read_info("models")["architecture"], ["t1c", "t2", "flair"], "t2")
+        >>> net.load_state_dict(torch.load("models/model.pt", weights_only=True))
+        >>> torch.jit.script(net)  # the T2 generator, entry folded in
+    """
+
+    def __init__(self, architecture: Mapping[str, Any], modalities: Sequence[str], modality: str) -> None:
+        super().__init__()
+        arch = dict(architecture)
+        if not arch.get("modulated", True):
+            raise ValueError("a plain multi-channel (AsynDGAN) generator has no bank entries to select from")
+        generator = ResnetGenerator(**arch)
+        for name in modalities:
+            generator.bank.add(name)
+        generator.bank.freeze_base()
+        if modality in modalities:
+            entry: str | None = modality
+        elif modality == arch.get("base_modality"):
+            entry = None
+        else:
+            makes = [*modalities, *([arch["base_modality"]] if arch.get("base_modality") else [])]
+            raise KeyError(f"the generator makes {makes}, not {modality!r}")
+        generator.bank.use(entry)
+        self.generator = generator
+        self.modality = modality
+        self.entry = entry
+
+    @classmethod
+    def from_store(cls, models_dir: str | Path, modality: str | None = None) -> BankGenerator:
+        """The generator saved in ``models_dir`` (store layout: ``generator.json``, ``base.pt``,
+        ``entries/<m>.pt``), making ``modality`` (default: its first entry)."""
+        from modalitybank.store import load_generator, read_info
+
+        info = read_info(models_dir)
+        generator = load_generator(models_dir)
+        entries = generator.bank.modalities  # the entries saved in models_dir
+        net = cls(info["architecture"], entries, modality or (entries or [info["architecture"]["base_modality"]])[0])
+        net.generator.load_state_dict(generator.state_dict())
+        return net.eval()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.generator(x)
+
+    def fold(self) -> FoldedGenerator:
+        """The selected entry folded into plain convolutions (no bank left): a scriptable copy."""
+        return FoldedGenerator(self.generator.bank.fold(self.entry), self.modality).eval()
+
+    def __prepare_scriptable__(self) -> FoldedGenerator:
+        return self.fold()
+
+
+def load_weights(network: nn.Module, ckpt_path: str | Path) -> nn.Module:
+    """``network`` with the state dictionary at ``ckpt_path`` loaded (strictly), in eval mode."""
+    network.load_state_dict(torch.load(str(ckpt_path), map_location="cpu", weights_only=True))
+    return network.eval()
+
+
+def save_model_checkpoint(models_dir: str | Path, path: str | Path | None = None) -> str:
+    """Write the state of :meth:`BankGenerator.from_store` (``models_dir``) to ``path``
+    (default ``models_dir/model.pt``): the checkpoint of the bundle's ``network_def``."""
+    from modalitybank.bank import atomic_save
+
+    path = Path(models_dir) / "model.pt" if path is None else Path(path)
+    return str(atomic_save(BankGenerator.from_store(models_dir).state_dict(), path))
+
+
 def generator_modalities(models_dir: str | Path) -> list[str]:
     """What the generator in ``models_dir`` makes: its bank entries and the base's own modality."""
     from modalitybank.store import read_info
@@ -88,13 +176,6 @@ def folded_generator(models_dir: str | Path, modality: str) -> FoldedGenerator:
     return FoldedGenerator(folded, modality).eval()
 
 
-def save_folded_state(network: nn.Module, path: str | Path) -> str:
-    """Write ``network.state_dict()`` to ``path`` (what ``ckpt_export --ckpt_file`` loads)."""
-    from modalitybank.bank import atomic_save
-
-    return str(atomic_save(network.state_dict(), path))
-
-
 _STORE_FILES = ("generator.json", "base.pt", "weights.pt")
 
 
@@ -103,7 +184,9 @@ def publish_generator(run_dir: str | Path, models_dir: str | Path) -> dict[str, 
 
     Copies ``generator.json``, ``base.pt`` and ``entries/<m>.pt`` (or ``weights.pt``); entries in
     ``models_dir`` that the run does not have are removed, so ``models/`` mirrors the run, and so are
-    folded exports of the previous generator (``model_<m>.pt``, ``model_<m>.ts``).
+    exports of the previous generator (``model.ts``, ``model_<m>.pt``, ``model_<m>.ts``). For a bank
+    generator it then writes ``model.pt`` (:func:`save_model_checkpoint`): base and every entry in one
+    state dictionary, what the inference config's ``network_def`` loads.
     Absolute paths in ``generator.json`` (the data root, the pre-trained run) are reduced to their
     last component: a published bundle names no folder of the machine it was trained on.
     """
@@ -122,10 +205,14 @@ def publish_generator(run_dir: str | Path, models_dir: str | Path) -> dict[str, 
             stale.unlink()
     for entry in entries:
         shutil.copyfile(entry, models_dir / "entries" / entry.name)
-    for derived in [*models_dir.glob("model_*.pt"), *models_dir.glob("model_*.ts")]:
-        derived.unlink()  # folded exports of the previous generator
+    if info["architecture"].get("modulated"):
+        info["modalities"] = sorted(e.stem for e in entries)  # what models/ holds
+    for derived in [*models_dir.glob("model*.pt"), *models_dir.glob("model*.ts")]:
+        derived.unlink()  # exports of the previous generator
     (models_dir / "generator.json").write_text(json.dumps(info, indent=2))
-    return {"models_dir": str(models_dir), "modalities": [e.stem for e in entries], "stage": info.get("stage")}
+    checkpoint = save_model_checkpoint(models_dir) if info["architecture"].get("modulated") else None
+    return {"models_dir": str(models_dir), "modalities": [e.stem for e in entries], "stage": info.get("stage"),
+            "model": checkpoint}
 
 
 def label_map_items(dataset_dir: str | Path, split: str = "test", grades: Sequence[str] = ("HGG",)) -> list[dict]:
