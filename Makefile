@@ -2,7 +2,7 @@
 PYTHON ?= python3
 PIP_INSTALL = $(PYTHON) -m pip install --quiet --disable-pip-version-check
 
-.PHONY: install demo test lint bench
+.PHONY: install demo test test-fast bench
 
 install:
 	$(PIP_INSTALL) torch==2.13.0
@@ -12,10 +12,17 @@ install:
 demo: install
 	modalitybank demo --workdir runs/demo --scale tiny
 
+LINT = ruff check custom tests flare_app setup.py
+
 # The test suite (CI runs exactly this through .ci/run).
 test: install
-	ruff check custom tests
+	$(LINT)
 	$(PYTHON) -m pytest -q
+
+# The fast inner loop: the tests not marked slow or deploy (no NVFlare run, no bundle training).
+test-fast: install
+	$(LINT)
+	$(PYTHON) -m pytest -q -m "not slow and not deploy"
 
 # The figures of the README's results table.
 bench: install

@@ -13,7 +13,7 @@ from setuptools import setup
 from setuptools.command.build_py import build_py
 
 SHARED = ("bundles", "jobs", "flare_app")
-IGNORE = shutil.ignore_patterns("__pycache__", "*.pyc", "eval", "*.ts")
+IGNORE = shutil.ignore_patterns("__pycache__", "*.pyc", "eval", "runs", "*.ts")  # run outputs stay behind
 
 
 class BuildWithShared(build_py):

@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from faulty_site import FaultySiteExecutor
+
 from modalitybank.fl.jobs import simulate
 from modalitybank.store import load_generator
 

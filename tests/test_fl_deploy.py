@@ -7,12 +7,16 @@ project file's are taken) and stops them itself, on failure too.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
 
+from modalitybank import config
 from modalitybank.fl.deploy import SITES, drop_unsubmittable, run_poc, run_provisioned
+from modalitybank.fl.policy import PACKAGE_PREFIX
 from modalitybank.fl.trust import foreign_ca_check
+from modalitybank.resources import shared_dir
 from modalitybank.store import load_generator
 
 pytestmark = [pytest.mark.slow, pytest.mark.deploy]
@@ -32,11 +36,34 @@ def _check(result: dict, workdir: Path, rounds: int) -> None:
     assert result["listening"] and all(s["address"] == "127.0.0.1" for s in result["listening"])
 
 
-def test_poc_federation(phantom_root, pretrained, tmp_path) -> None:
-    result = run_poc(tmp_path, "modalitybank_multimodal", scale="tiny", rounds=3, progress=False,
-                     data_root=str(phantom_root), pretrained=str(pretrained))
-    _check(result, tmp_path, 3)
-    assert (tmp_path / "home" / ".nvflare" / "config.conf").is_file()  # nvflare's registry went to our HOME
+def test_poc_job_as_committed_on_sites_with_the_package(tmp_path) -> None:
+    """`nvflare job submit` of jobs/modalitybank_missing_modality as committed: configuration only, BYOC off at
+    every site, the sites' allow-list admitting the installed package."""
+    job = shared_dir("jobs") / "modalitybank_missing_modality"
+    result = run_poc(tmp_path, job, progress=False)
+    iterations = config.preset("tiny")["train"]["bank_iterations"]
+    assert result["rounds"] == iterations and result["sites"] == list(SITES)
+    assert sorted(load_generator(result["checkpoint"]).bank.modalities) == ["flair", "t1c", "t2"]
+    assert result["job_dir"] == str(job) and not (job / "app" / "custom").exists()  # submitted as committed
+    for kit in (tmp_path / "poc").rglob("hospital-*"):
+        if (kit / "local").is_dir():
+            policy = json.loads((kit / "local" / "authorization.json").read_text())
+            assert policy["permissions"]["project_admin"]["byoc"] == "none"
+            assert PACKAGE_PREFIX in json.loads((kit / "local" / "resources.json").read_text())["class_allow_list"]
+
+
+def test_poc_job_carrying_its_code_on_sites_without_the_package(phantom_root, pretrained, tmp_path,
+                                                                  monkeypatch) -> None:
+    """The same job with its code in custom/, on sites where the package cannot be imported (hidden from sys.path
+    in every NVFlare process): the sites run the carried code."""
+    monkeypatch.setenv("PYTHONPATH", str(Path(__file__).parent / "without_package"))
+    result = run_poc(tmp_path, "modalitybank_missing_modality", scale="tiny", rounds=3, progress=False,
+                     with_code=True, data_root=str(phantom_root), pretrained=str(pretrained))
+    assert result["rounds"] == 3 and result["sites"] == list(SITES)
+    for site in SITES:
+        log = next((tmp_path / "poc").rglob(f"{site}/{result['job_id']}/log.txt")).read_text()
+        carried = re.search(r"code from (\S+)", log)
+        assert carried and f"/{result['job_id']}/" in carried.group(1) and "/custom/" in carried.group(1)
 
 
 def test_provisioned_federation(phantom_root, pretrained, tmp_path) -> None:

@@ -281,7 +281,7 @@ def build_parser() -> argparse.ArgumentParser:
         p = fl.add_parser(name, help=text)
         p.add_argument("--workdir", type=Path, required=True, help="project file, kits, job copy, result, logs")
         p.add_argument("--job", default="modalitybank_multimodal", help="job name in jobs/ or a job folder")
-        p.add_argument("--scale", default="tiny", choices=config.scales())
+        p.add_argument("--scale", default=None, choices=config.scales(), help="default: the job's own")
         p.add_argument("--rounds", type=int, default=None, help="iterations (GAN jobs) or rounds (FedAvg)")
         p.add_argument("--data", type=Path, default=None, help="BraTS-layout folder of the sites (default: the phantom)")
         p.add_argument("--cache-dir", type=Path, default=None)

@@ -142,9 +142,9 @@ class ModalityBankController(Controller):
             torch.manual_seed(self.seed)
             self.generator = build_generator(config.preset(self.scale)["model"], output_modalities=self.targets)
         else:
-            # not traced into a job's custom/ code: the default pre-training needs the installed package
-            default = importlib.import_module("modalitybank.data.default")
-            source = self.pretrained or str(default.default_pretrained(self.scale, self.seed))
+            source = self.pretrained
+            if not source:  # imported here only: the default pre-training needs the installed package
+                source = str(importlib.import_module("modalitybank.data.default").default_pretrained(self.scale, self.seed))
             self.log_info(fl_ctx, f"bank entries {self.targets} on the generator pre-trained in {source}")
             self.generator = load_generator(source)
         modulated = self.generator.config["modulated"]

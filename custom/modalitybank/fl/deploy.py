@@ -37,7 +37,7 @@ from typing import Any
 import yaml
 
 from modalitybank.fl import wire
-from modalitybank.fl.jobs import export_job, read_run
+from modalitybank.fl.jobs import export_job, find_job, read_run
 from modalitybank.fl.policy import admit_package, set_byoc
 from modalitybank.fl.processes import (
     check_loopback,
@@ -320,8 +320,12 @@ def _collect(job_id: str, download: Path, kits: Path, job_dir: Path) -> dict[str
             "job_id": job_id}
 
 
-def _prepare(job: str | Path, workdir: Path, scale: str, rounds: int | None, updates: dict[str, Any],
+def _prepare(job: str | Path, workdir: Path, scale: str | None, rounds: int | None, updates: dict[str, Any],
              with_code: bool, progress: bool = True) -> Path:
+    """The job folder to submit: the committed one as it is when nothing is to change, else an export."""
+    if scale is None and rounds is None and not with_code and all(v is None for v in updates.values()):
+        say(progress, f"submitting {find_job(job)} as it is")
+        return find_job(job)
     job_dir = export_job(job, workdir / "job" / Path(job).name, with_code=with_code, scale=scale, rounds=rounds,
                          **updates)
     dropped = drop_unsubmittable(job_dir)
@@ -352,7 +356,7 @@ def drop_unsubmittable(job_dir: Path) -> list[str]:
 # -- the two federations --------------------------------------------------------------------
 
 @stoppable()
-def run_poc(workdir: str | Path, job: str | Path = "modalitybank_multimodal", scale: str = "tiny",
+def run_poc(workdir: str | Path, job: str | Path = "modalitybank_multimodal", scale: str | None = None,
             rounds: int | None = None, ports: tuple[int, int] | None = None, timeout: float = 1800.0,
             progress: bool = True, with_code: bool = False, **updates: Any) -> dict[str, Any]:
     """A POC federation (server ``localhost``, hospital-a/b/c, the admin) in ``workdir``: run ``job`` once, stop.
@@ -390,11 +394,11 @@ def run_poc(workdir: str | Path, job: str | Path = "modalitybank_multimodal", sc
             except RuntimeError:
                 pass
         kill_leftovers(poc)
-    return result | {"seconds": round(time.perf_counter() - t0, 1), "listening": sockets}
+    return result | {"seconds": round(time.perf_counter() - t0, 1), "listening": sockets, "job_dir": str(job_dir)}
 
 
 @stoppable()
-def run_provisioned(workdir: str | Path, job: str | Path = "modalitybank_multimodal", scale: str = "tiny",
+def run_provisioned(workdir: str | Path, job: str | Path = "modalitybank_multimodal", scale: str | None = None,
                     rounds: int | None = None, ports: tuple[int, int] | None = None, timeout: float = 1800.0,
                     progress: bool = True, with_code: bool = False, **updates: Any) -> dict[str, Any]:
     """Provision the project (mutual TLS) into ``workdir/kits``, start every kit, run ``job`` once, shut down."""
@@ -421,4 +425,4 @@ def run_provisioned(workdir: str | Path, job: str | Path = "modalitybank_multimo
         result = _collect(job_id, download, kits, job_dir)
     finally:
         stop_all(procs, admin, env, workdir, root)
-    return result | {"seconds": round(time.perf_counter() - t0, 1), "listening": sockets}
+    return result | {"seconds": round(time.perf_counter() - t0, 1), "listening": sockets, "job_dir": str(job_dir)}
