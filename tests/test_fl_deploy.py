@@ -66,6 +66,15 @@ def test_poc_job_carrying_its_code_on_sites_without_the_package(phantom_root, pr
         assert carried and f"/{result['job_id']}/" in carried.group(1) and "/custom/" in carried.group(1)
 
 
+def test_poc_job_in_which_no_site_joins_fails_with_the_reasons(pretrained, tmp_path) -> None:
+    missing = tmp_path / "no-such-brats"
+    with pytest.raises(RuntimeError, match="FINISHED:EXECUTION_EXCEPTION") as failed:
+        run_poc(tmp_path, "modalitybank_multimodal", rounds=2, progress=False, data_root=str(missing),
+                pretrained=str(pretrained))
+    assert "run failed: 0 of 3 sites joined" in str(failed.value)
+    assert f"hospital-a: EXECUTION_EXCEPTION: BratsDataError: {missing}: data root does not exist" in str(failed.value)
+
+
 def test_provisioned_federation(phantom_root, pretrained, tmp_path) -> None:
     result = run_provisioned(tmp_path, "modalitybank_multimodal", scale="tiny", rounds=3, progress=False,
                              data_root=str(phantom_root), pretrained=str(pretrained))

@@ -24,11 +24,12 @@ from tqdm.auto import tqdm
 from modalitybank import config
 from modalitybank.bank import atomic_save
 from modalitybank.gan import GanLoss, SiteBatch, SiteModel, gan_step
-from modalitybank.networks import build_discriminator, build_generator, mask_channels
+from modalitybank.networks import ResnetGenerator, build_discriminator, build_generator, mask_channels
 from modalitybank.runlog import RunLog
 from modalitybank.store import load_generator, read_info, save_generator
 
-__all__ = ["BatchStream", "TrainSettings", "make_site_models", "pretrain", "run_gan", "train_bank"]
+__all__ = ["BatchStream", "TrainSettings", "bank_generator", "bank_meta", "make_site_models", "pretrain", "pretrain_generator",
+           "pretrain_meta", "run_gan", "train_bank"]
 
 
 @dataclass(frozen=True)
@@ -155,6 +156,45 @@ def _datasets():  # imported lazily: the loader pulls in nibabel and scans folde
     return brats
 
 
+def _resuming(run_dir: str | Path) -> bool:
+    return (Path(run_dir) / "state.pt").is_file()
+
+
+def pretrain_generator(run_dir: str | Path, scale: str = "tiny") -> ResnetGenerator:
+    """The generator to pre-train: the one in ``run_dir`` when it holds an unfinished run, else a fresh
+    one sized by preset ``scale``, its base modality the source set's (``experiments.json`` →
+    ``pretrain``). Every weight trains."""
+    if _resuming(run_dir):
+        generator = load_generator(run_dir)
+    else:
+        generator = build_generator(config.preset(scale)["model"], base_modality=config.experiment("pretrain")["modality"])
+    return generator.requires_grad_(True)
+
+
+def bank_generator(run_dir: str | Path, pretrained: str | Path, targets: Sequence[str]) -> ResnetGenerator:
+    """The generator whose bank entries ``targets`` are learned: ``run_dir``'s when it holds an unfinished
+    run, else the pre-trained one in ``pretrained``; ``bank.learn(targets)``: an identity entry added per
+    missing target, the base and every other entry frozen."""
+    generator = load_generator(run_dir if _resuming(run_dir) else pretrained)
+    generator.bank.learn(list(targets))
+    return generator
+
+
+def bank_meta(pretrained: str | Path, experiment: str, scale: str, data_root: str | Path,
+              run_dir: str | Path | None = None) -> dict[str, Any]:
+    """``generator.json`` provenance of a bank run, as :func:`modalitybank.training.train_bank` writes it."""
+    source = run_dir if run_dir is not None and _resuming(run_dir) else pretrained
+    return {"stage": "bank", "pretrained_from": str(pretrained), "pretrained_on": read_info(source).get("pretrained_on"),
+            "experiment": experiment, "sites": config.experiment(experiment)["sites"], "scale": scale,
+            "data_root": str(data_root), "image_size": config.preset(scale)["slices"]["image_size"]}
+
+
+def pretrain_meta(scale: str, data_root: str | Path) -> dict[str, Any]:
+    """``generator.json`` provenance of a pre-training run, as :func:`modalitybank.training.pretrain` writes it."""
+    return {"stage": "pretrained", "pretrained_on": config.experiment("pretrain"), "scale": scale,
+            "data_root": str(data_root), "image_size": config.preset(scale)["slices"]["image_size"]}
+
+
 def pretrain(run_dir: str | Path, data_root: str | Path, scale: str = "tiny", cache_dir: str | Path | None = None,
              progress: bool = True, **overrides: Any) -> dict[str, Any]:
     """Pre-train the whole generator on the source set (``configs/experiments.json`` → ``pretrain``)."""
@@ -165,14 +205,10 @@ def pretrain(run_dir: str | Path, data_root: str | Path, scale: str = "tiny", ca
     model = config.preset(scale)["model"]
     dataset = _datasets().source_dataset(data_root, scale, cache_dir=cache_dir)
     torch.manual_seed(settings.seed)
-    resuming = (run_dir / "state.pt").is_file()
-    generator = load_generator(run_dir) if resuming else build_generator(model, base_modality=source["modality"])
-    for p in generator.parameters():
-        p.requires_grad_(True)
+    generator = pretrain_generator(run_dir, scale)
     sites = make_site_models({"source": [source["modality"]]}, model, settings)
     streams = {"source": BatchStream(dataset, settings.batch_size, settings.seed)}
-    meta = {"stage": "pretrained", "pretrained_on": source, "scale": scale, "data_root": str(data_root),
-            "image_size": config.preset(scale)["slices"]["image_size"]}
+    meta = pretrain_meta(scale, data_root)
     summary = run_gan(run_dir, generator, settings.adam(list(generator.parameters())), sites, streams, settings,
                       lambda: save_generator(generator, run_dir, meta), desc="pre-train", progress=progress)
     return {**summary, "run_dir": str(run_dir), "slices": len(dataset)}
@@ -204,18 +240,16 @@ def train_bank(run_dir: str | Path, data_root: str | Path, pretrained: str | Pat
     if baseline == "asyndgan":
         generator = load_generator(run_dir) if resuming else build_generator(model, output_modalities=targets)
         learned = list(generator.parameters())
-        meta: dict[str, Any] = {"stage": "asyndgan"}
+        meta: dict[str, Any] = {"stage": "asyndgan", "experiment": experiment, "sites": exp["sites"], "scale": scale,
+                                "data_root": str(data_root), "image_size": config.preset(scale)["slices"]["image_size"]}
     elif baseline is None:
         if pretrained is None:
             raise ValueError("ModalityBank needs a pre-trained generator (run `modalitybank pretrain` first)")
-        generator = load_generator(run_dir if resuming else pretrained)
-        learned = generator.bank.learn(targets)
-        meta = {"stage": "bank", "pretrained_from": str(pretrained),
-                "pretrained_on": read_info(run_dir if resuming else pretrained).get("pretrained_on")}
+        generator = bank_generator(run_dir, pretrained, targets)
+        learned = [p for name in targets for p in generator.bank.entry_parameters(name)]
+        meta = bank_meta(pretrained, experiment, scale, data_root, run_dir)
     else:
         raise ValueError(f"unknown baseline {baseline!r} (choose 'asyndgan')")
-    meta |= {"experiment": experiment, "sites": exp["sites"], "scale": scale, "data_root": str(data_root),
-             "image_size": config.preset(scale)["slices"]["image_size"]}
     sites = make_site_models(exp["sites"], model, settings)
     streams = {s: BatchStream(datasets[s], settings.batch_size, settings.seed + i) for i, s in enumerate(exp["sites"])}
     summary = run_gan(run_dir, generator, settings.adam(learned), sites, streams, settings,

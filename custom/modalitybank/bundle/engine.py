@@ -33,13 +33,22 @@ from torch.utils.data import Dataset
 from modalitybank import config
 from modalitybank.bank import atomic_save
 from modalitybank.gan import GanLoss, SiteBatch, SiteModel, gan_step
-from modalitybank.networks import ResnetGenerator, build_generator
+from modalitybank.networks import ResnetGenerator
 from modalitybank.runlog import RunLog, mean_losses
-from modalitybank.store import load_generator, read_info, save_generator
-from modalitybank.training import BatchStream, TrainSettings, make_site_models
+from modalitybank.store import save_generator
+from modalitybank.training import (  # re-exported: the generator bundle's configs call them from here
+    BatchStream,
+    TrainSettings,
+    bank_generator,
+    bank_meta,
+    make_site_models,
+    pretrain_generator,
+    pretrain_meta,
+)
 
-__all__ = ["GanCheckpoint", "GanTrainer", "SiteBatches", "bank_generator", "entry_parameters", "pretrain_generator",
-           "site_models"]
+__all__ = ["GanCheckpoint", "GanTrainer", "SiteBatches", "bank_generator", "bank_meta", "entry_parameters",
+           "pretrain_generator", "pretrain_meta", "site_models"]
+
 
 class SiteBatches:
     """Endless ``{site: SiteBatch}``: one batch of every site per iteration (the engine's data loader).
@@ -190,48 +199,9 @@ class GanCheckpoint:
                      "settings": asdict(self.settings) if self.settings is not None else None}, self.state_path)
 
 
-def _resuming(run_dir: str | Path) -> bool:
-    return (Path(run_dir) / "state.pt").is_file()
-
-
-def pretrain_generator(run_dir: str | Path, scale: str = "tiny") -> ResnetGenerator:
-    """The generator to pre-train: the one in ``run_dir`` when it holds an unfinished run, else a fresh
-    one sized by preset ``scale``, its base modality the source set's (``experiments.json`` →
-    ``pretrain``). Every weight trains."""
-    if _resuming(run_dir):
-        generator = load_generator(run_dir)
-    else:
-        generator = build_generator(config.preset(scale)["model"], base_modality=config.experiment("pretrain")["modality"])
-    return generator.requires_grad_(True)
-
-
-def bank_generator(run_dir: str | Path, pretrained: str | Path, targets: Sequence[str]) -> ResnetGenerator:
-    """The generator whose bank entries ``targets`` are learned: ``run_dir``'s when it holds an unfinished
-    run, else the pre-trained one in ``pretrained``; ``bank.learn(targets)``: an identity entry added per
-    missing target, the base and every other entry frozen."""
-    generator = load_generator(run_dir if _resuming(run_dir) else pretrained)
-    generator.bank.learn(list(targets))
-    return generator
-
-
 def entry_parameters(generator: ResnetGenerator, targets: Sequence[str]) -> list[nn.Parameter]:
     """The parameters of the bank entries ``targets`` (what the bank optimiser learns)."""
     return [p for name in targets for p in generator.bank.entry_parameters(name)]
-
-
-def bank_meta(pretrained: str | Path, experiment: str, scale: str, data_root: str | Path,
-              run_dir: str | Path | None = None) -> dict[str, Any]:
-    """``generator.json`` provenance of a bank run, as :func:`modalitybank.training.train_bank` writes it."""
-    source = run_dir if run_dir is not None and _resuming(run_dir) else pretrained
-    return {"stage": "bank", "pretrained_from": str(pretrained), "pretrained_on": read_info(source).get("pretrained_on"),
-            "experiment": experiment, "sites": config.experiment(experiment)["sites"], "scale": scale,
-            "data_root": str(data_root), "image_size": config.preset(scale)["slices"]["image_size"]}
-
-
-def pretrain_meta(scale: str, data_root: str | Path) -> dict[str, Any]:
-    """``generator.json`` provenance of a pre-training run, as :func:`modalitybank.training.pretrain` writes it."""
-    return {"stage": "pretrained", "pretrained_on": config.experiment("pretrain"), "scale": scale,
-            "data_root": str(data_root), "image_size": config.preset(scale)["slices"]["image_size"]}
 
 
 def site_models(site_modalities: Mapping[str, Sequence[str]], scale: str, settings: TrainSettings,

@@ -28,6 +28,7 @@ from nvflare.apis.signal import Signal
 from modalitybank import config
 from modalitybank.bank import atomic_save
 from modalitybank.fl import wire
+from modalitybank.fl.site_config import read_site_config
 from modalitybank.gan import GanLoss, SiteBatch, SiteModel, site_step
 from modalitybank.resources import bundle_dir
 from modalitybank.training import BatchStream, TrainSettings, make_site_models
@@ -101,7 +102,10 @@ class SiteExecutor(Executor):
         centre = config.centre_of_site(self.site)
         exp = config.experiment(self.experiment)
         self.modalities = list(exp["sites"][centre])
-        root, cache = site_data(self.data_root, self.cache_dir, self.scale, self.seed)
+        workspace = Path(fl_ctx.get_engine().get_workspace().get_root_dir())
+        own = read_site_config(self.site, workspace / "local")  # the site's own settings win over the job's
+        root, cache = site_data(own.get("data_root", self.data_root), own.get("cache_dir", self.cache_dir),
+                                self.scale, self.seed)
         slices = config.preset(self.scale)["slices"]
         self.dataset = SiteDataset(root, centre, self.modalities, split="train", cache_dir=cache,
                                    image_size=slices["image_size"], min_tumour_fraction=slices["min_tumour_fraction"],
@@ -109,7 +113,6 @@ class SiteExecutor(Executor):
         self.settings = TrainSettings.from_preset(self.scale, "bank", seed=self.seed,
                                                   checkpoint_every=self.checkpoint_every or None)
         self.model, self.loss = self._discriminators(fl_ctx)
-        workspace = Path(fl_ctx.get_engine().get_workspace().get_root_dir())
         self.checkpoint = workspace / "modalitybank" / f"{self.experiment}-{self.scale}" / "discriminators.pt"
         if self.checkpoint.is_file():
             state = torch.load(self.checkpoint, map_location="cpu", weights_only=True)
