@@ -37,6 +37,14 @@ def cmd_phantom(a: argparse.Namespace) -> dict[str, Any]:
             "lgg": len(summary["lgg"])}
 
 
+def cmd_split(a: argparse.Namespace) -> dict[str, Any]:
+    from modalitybank.data.sites import split_sites
+
+    sites: int | list[str] = a.names.split(",") if a.names else a.sites
+    folders = split_sites(a.data, a.out, sites, split=a.split, seed=a.seed, grades=a.grades)
+    return {"sites": {k: str(v) for k, v in folders.items()}, "site_config": str(Path(a.out) / "modalitybank_site.json")}
+
+
 def cmd_pretrain(a: argparse.Namespace) -> dict[str, Any]:
     from modalitybank.training import pretrain
 
@@ -88,7 +96,8 @@ def cmd_fl_simulate(a: argparse.Namespace) -> dict[str, Any]:
     from modalitybank.fl.jobs import simulate
 
     result = simulate(a.job, a.workdir, scale=a.scale, rounds=a.rounds, n_clients=a.n_clients, progress=not a.quiet,
-                      with_code=a.with_code, data_root=str(a.data.resolve()) if a.data else None,
+                      with_code=a.with_code, clients=a.clients.split(",") if a.clients else None,
+                      site_config=a.site_config, data_root=str(a.data.resolve()) if a.data else None,
                       cache_dir=str(a.cache_dir.resolve()) if a.cache_dir else None, wire_dtype=a.wire_dtype,
                       pretrained=str(a.pretrained.resolve()) if a.pretrained else None)
     result.pop("log")
@@ -194,6 +203,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True, help="output root (HGG/, LGG/, splits.json, dataset.json)")
     _common(p, data=False, run_dir=False)
     p.set_defaults(fn=cmd_phantom)
+    p = data.add_parser("split", help="deal a BraTS-layout folder's cases to N hospital sites (one folder each, "
+                        "links only) and write the sites' modalitybank_site.json")
+    p.add_argument("--data", type=Path, required=True, help="BraTS-layout folder")
+    p.add_argument("--out", type=Path, required=True, help="where the site folders go")
+    p.add_argument("--sites", type=int, default=3, help="number of sites (named site-1..N)")
+    p.add_argument("--names", default=None, help="comma-separated site names instead (e.g. hospital-north,...)")
+    p.add_argument("--split", default="train", choices=["train", "test", "all"])
+    p.add_argument("--grades", nargs="+", default=["HGG", "LGG"], help="grade folders to deal (the phantom: HGG)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(fn=cmd_split)
 
     p = sub.add_parser("pretrain", help="pre-train the whole generator centrally on the source set (LGG, T1c)")
     _common(p)
@@ -258,6 +278,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-dir", type=Path, default=None)
     p.add_argument("--pretrained", type=Path, default=None, help="pre-trained generator folder (default: built once)")
     p.add_argument("--n-clients", type=int, default=3)
+    p.add_argument("--clients", default=None, help="comma-separated site names (instead of site-1..N)")
+    p.add_argument("--site-config", type=Path, default=None,
+                   help="the sites' own settings (modalitybank_site.json, e.g. from `modalitybank data split`)")
     p.add_argument("--wire-dtype", choices=["float32", "float16"], default=None)
     p.add_argument("--with-code", action="store_true", help="carry the package's runtime in the job's custom/ "
                    "(the way for sites without the package)")

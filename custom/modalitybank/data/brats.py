@@ -74,7 +74,9 @@ class SiteDataset(torch.utils.data.Dataset):
 
     ``dataset[i]`` is ``{"image": (C, S, S) float32, "label": (S, S) uint8, "brain": (S, S) uint8}``.
     Attributes ``modalities`` (tuple), ``records`` and ``case_ids`` (the cases of this site and split,
-    sorted), ``centre``, ``split``, ``root``. Raises :class:`BratsDataError` if there is no slice.
+    sorted), ``centre``, ``split``, ``root``. ``cases`` keeps only those case ids; ``suffixes`` maps
+    modality names to other file-name suffixes (:func:`scan_cases`). Raises :class:`BratsDataError` if
+    there is no slice.
     """
 
     def __init__(
@@ -91,6 +93,8 @@ class SiteDataset(torch.utils.data.Dataset):
         n_test: int = 40,
         seed: int = 0,
         progress: bool = False,
+        cases: Sequence[str] | None = None,
+        suffixes: dict[str, str] | None = None,
     ) -> None:
         super().__init__()
         if centre is not None and centre not in config.CENTRES:
@@ -100,9 +104,10 @@ class SiteDataset(torch.utils.data.Dataset):
         self.split = split
         self.modalities: tuple[str, ...] = _check_modalities(modalities)
         self.image_size = int(image_size)
-        all_records = scan_cases(self.root, grades)
+        all_records = scan_cases(self.root, grades, suffixes)
         chosen = split_cases(all_records, self.root, split, n_test=n_test, seed=seed)
-        self.records: list[CaseRecord] = [r for r in chosen if centre is None or r.centre == centre]
+        self.records: list[CaseRecord] = [r for r in chosen if (centre is None or r.centre == centre)
+                                          and (cases is None or r.case_id in cases)]
         self.case_ids: list[str] = [r.case_id for r in self.records]
         cache = SliceCache(cache_dir) if cache_dir is not None else None
 
@@ -195,3 +200,34 @@ def source_dataset(
     args.setdefault("grades", (pre["grade"],))
     args.setdefault("split", "all")
     return SiteDataset(root, None, [pre["modality"]], cache_dir=cache_dir, **args)
+
+
+def discover_site(root: str | os.PathLike[str], suffixes: dict[str, str] | None = None,
+                  ) -> tuple[list[str], list[str], list[str], tuple[str, ...]]:
+    """What a hospital's own folder holds: every case in it is the site's.
+
+    A modality is the site's if its file is present in at least half of the cases; a case lacking
+    one of the site's modalities is left out and reported, not fatal.
+
+    Returns ``(modalities, case_ids, skipped, grades)``: the site's modalities (canonical order),
+    the usable case ids, one line per case left out (naming the missing files) and the grade
+    folders found (``HGG`` / ``LGG``). Raises :class:`BratsDataError` if the folder holds no case or
+    no modality.
+    """
+    root = Path(root).expanduser().resolve()
+    grades = tuple(g for g in ("HGG", "LGG") if (root / g).is_dir())
+    if not grades:
+        raise BratsDataError(f"{root}: no HGG/ or LGG/ folder (BraTS layout: <root>/HGG/<case>/<case>_<m>.nii.gz)")
+    records = scan_cases(root, grades, suffixes)
+    count = {m: sum(m in r.files for r in records) for m in config.MODALITIES}
+    modalities = [m for m in config.MODALITIES if count[m] and 2 * count[m] >= len(records)]
+    if not modalities:
+        raise BratsDataError(f"{root}: no modality file in any of its {len(records)} cases")
+    usable, skipped = [], []
+    for r in records:
+        missing = [m for m in modalities if m not in r.files]
+        if missing:
+            skipped.append(f"case {r.case_id} skipped: missing " + ", ".join(str(r.expected_file(m)) for m in missing))
+        else:
+            usable.append(r.case_id)
+    return modalities, usable, skipped, grades

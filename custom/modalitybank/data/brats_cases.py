@@ -91,12 +91,16 @@ def _case_folders(grade_dir: Path) -> list[Path]:
     return sorted(p for p in grade_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
-def scan_cases(root: str | os.PathLike[str], grades: Sequence[str] = ("HGG",)) -> list[CaseRecord]:
+def scan_cases(root: str | os.PathLike[str], grades: Sequence[str] = ("HGG",),
+               suffixes: dict[str, str] | None = None) -> list[CaseRecord]:
     """All cases under ``root/<grade>/`` for each grade, sorted by case id.
 
+    ``suffixes`` maps modality names to file-name suffixes (``<case>_<suffix>.nii.gz``) where a
+    site's files are not named as BraTS names them (:data:`modalitybank.config.MODALITY_SUFFIX`).
     Raises :class:`BratsDataError` if ``root`` or a grade folder is missing, if no case is found, if
     a case folder has no segmentation file, or if a case id appears twice.
     """
+    suffixes = {**config.MODALITY_SUFFIX, **(suffixes or {})}
     root = Path(root).expanduser().resolve()
     if isinstance(grades, str):
         grades = (grades,)
@@ -116,7 +120,7 @@ def scan_cases(root: str | os.PathLike[str], grades: Sequence[str] = ("HGG",)) -
                 )
             files: dict[str, Path] = {}
             for mod in config.MODALITIES:
-                p = _find_file(folder, case_id, config.MODALITY_SUFFIX[mod])
+                p = _find_file(folder, case_id, suffixes[mod])
                 if p is not None:
                     files[mod] = p
             files["seg"] = seg

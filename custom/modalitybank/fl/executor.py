@@ -95,21 +95,12 @@ class SiteExecutor(Executor):
 
     # -- set-up -----------------------------------------------------------------------------
     def _setup(self, fl_ctx: FLContext) -> None:
-        from modalitybank.data.brats import SiteDataset
-
         torch.set_num_threads(self.threads)
         self.site = fl_ctx.get_identity_name()
-        centre = config.centre_of_site(self.site)
-        exp = config.experiment(self.experiment)
-        self.modalities = list(exp["sites"][centre])
         workspace = Path(fl_ctx.get_engine().get_workspace().get_root_dir())
         own = read_site_config(self.site, workspace / "local")  # the site's own settings win over the job's
-        root, cache = site_data(own.get("data_root", self.data_root), own.get("cache_dir", self.cache_dir),
-                                self.scale, self.seed)
-        slices = config.preset(self.scale)["slices"]
-        self.dataset = SiteDataset(root, centre, self.modalities, split="train", cache_dir=cache,
-                                   image_size=slices["image_size"], min_tumour_fraction=slices["min_tumour_fraction"],
-                                   max_slices_per_case=slices["max_slices_per_case"])
+        self.dataset, where = self._load(own, fl_ctx)
+        self.modalities = list(self.dataset.modalities)
         self.settings = TrainSettings.from_preset(self.scale, "bank", seed=self.seed,
                                                   checkpoint_every=self.checkpoint_every or None)
         self.model, self.loss = self._discriminators(fl_ctx)
@@ -122,10 +113,38 @@ class SiteExecutor(Executor):
             self.log_info(fl_ctx, f"resumed discriminators from {self.checkpoint}")
         self.stream = BatchStream(self.dataset, self.settings.batch_size, site_seed(self.site, self.seed))
         self.pending: SiteBatch | None = None
-        self.log_info(fl_ctx, f"site {self.site} = centre {centre}: {len(self.dataset)} slices of "
+        self.log_info(fl_ctx, f"site {self.site} = {where}: {len(self.dataset)} slices of "
                       f"{len(self.dataset.case_ids)} cases, modalities {self.modalities}; code from "
                       f"{Path(__file__).parents[1]}")
         self._ready = True
+
+    def _load(self, own: dict[str, Any], fl_ctx: FLContext) -> tuple[Any, str]:
+        """The site's training slices, and where they come from.
+
+        With a ``data_root`` of its own (``local/modalitybank_site.json``) every case in that folder is
+        the site's and its modalities are those of its files (:func:`~modalitybank.data.brats.discover_site`;
+        a case lacking one is reported and skipped). Otherwise the job's ``data_root`` (or the phantom) is
+        split by data centre, as in the paper: the centre of this client's name and its modalities
+        come from ``configs/experiments.json``.
+        """
+        from modalitybank.data.brats import SiteDataset, discover_site
+
+        slices = config.preset(self.scale)["slices"]
+        kw = dict(image_size=slices["image_size"], min_tumour_fraction=slices["min_tumour_fraction"],
+                  max_slices_per_case=slices["max_slices_per_case"])
+        if own.get("data_root"):
+            root, cache = site_data(own["data_root"], own.get("cache_dir", self.cache_dir), self.scale, self.seed)
+            suffixes = own.get("file_names")
+            modalities, cases, skipped, grades = discover_site(root, suffixes)
+            for line in skipped:
+                self.log_warning(fl_ctx, f"site {self.site}: {line}")
+            dataset = SiteDataset(root, None, modalities, split="all", grades=grades, cases=cases, cache_dir=cache,
+                                  suffixes=suffixes, **kw)
+            return dataset, f"its own folder {root} ({len(skipped)} case(s) skipped)"
+        centre = config.centre_of_site(self.site)
+        root, cache = site_data(self.data_root, own.get("cache_dir", self.cache_dir), self.scale, self.seed)
+        modalities = config.experiment(self.experiment)["sites"][centre]
+        return SiteDataset(root, centre, modalities, split="train", cache_dir=cache, **kw), f"centre {centre}"
 
     def _discriminators(self, fl_ctx: FLContext) -> tuple[SiteModel, GanLoss]:
         """One discriminator and optimiser per modality, from the site-discriminator bundle if given."""
@@ -177,7 +196,7 @@ class SiteExecutor(Executor):
         if self.pending is None:
             raise RuntimeError("fakes arrived before this site sent any masks")
         batch, out, losses = self.pending, {}, {}
-        for m in self.modalities:
+        for m in [m for m in self.modalities if wire.fake_key(m) in data]:  # the server's targets among ours
             sent = data[wire.fake_key(m)]
             if sent.shape[0] != batch.mask.shape[0]:
                 raise ValueError(f"fakes for {m} have batch {sent.shape[0]}, the masks sent had {batch.mask.shape[0]}")

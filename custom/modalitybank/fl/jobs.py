@@ -23,6 +23,7 @@ from typing import Any
 from modalitybank.fl import wire
 from modalitybank.fl.policy import admit_package
 from modalitybank.fl.processes import nvflare_command
+from modalitybank.fl.site_config import SITE_CONFIG_FILE
 from modalitybank.resources import shared_dir
 
 __all__ = ["app", "export_job", "find_job", "read_run", "simulate"]
@@ -84,12 +85,15 @@ def read_run(checkpoint: str | Path) -> dict[str, Any] | None:
 
 def simulate(job: str | Path, workdir: str | Path, scale: str = "tiny", rounds: int | None = None,
              n_clients: int = 3, threads: int | None = None, clients: list[str] | None = None,
-             progress: bool = True, with_code: bool = False, **args: Any) -> dict[str, Any]:
+             progress: bool = True, with_code: bool = False, site_config: str | Path | None = None,
+             **args: Any) -> dict[str, Any]:
     """Run ``job`` in the NVFlare simulator inside ``workdir``; a second run there resumes.
 
     ``workdir/checkpoint`` holds the generator (stable across runs, so a restarted server
     resumes from it), ``workdir/workspace`` the simulator's workspace (sites' ledgers and
-    discriminators), ``workdir/simulator.log`` the log. Raises ``RuntimeError`` naming the reason
+    discriminators), ``workdir/simulator.log`` the log. ``site_config`` (a ``modalitybank_site.json``,
+    e.g. from ``modalitybank data split``) goes into the workspace's ``local/``, where every simulated
+    site reads its own settings. ``clients`` names the sites (default ``site-1..n_clients``). Raises ``RuntimeError`` naming the reason
     if the simulator fails, which includes a run in which too few sites joined or none trained.
 
     Returns ``{"checkpoint", "ledgers", "rounds", "sites", "seconds", "log"}``: ``rounds`` counts the
@@ -104,7 +108,11 @@ def simulate(job: str | Path, workdir: str | Path, scale: str = "tiny", rounds: 
                          **extra, **args)
     workspace = workdir / "workspace"
     admit_package(workspace / "local")  # the simulated sites' allow-list (nvflare simulator copies local/ to each)
-    cmd = [*nvflare_command(), "simulator", str(job_dir), "-w", str(workspace), "-t", str(threads or n_clients)]
+    if site_config is not None:  # the sites' own settings (data folders, ...), read on their side
+        shutil.copyfile(site_config, workspace / "local" / SITE_CONFIG_FILE)
+    n_sites = len(clients) if clients else n_clients
+    # one process per site: with fewer, the simulator swaps sites in and out and their state is lost
+    cmd = [*nvflare_command(), "simulator", str(job_dir), "-w", str(workspace), "-t", str(threads or n_sites)]
     cmd += ["-c", ",".join(clients)] if clients else ["-n", str(n_clients)]
     start = time.perf_counter()
     log_path = workdir / "simulator.log"

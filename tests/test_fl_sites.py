@@ -1,0 +1,65 @@
+"""Real hospitals: each site's own folder and modalities, any number of sites with their own names."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from modalitybank.data.brats import discover_site
+from modalitybank.data.sites import split_sites
+from modalitybank.fl.jobs import simulate
+
+NAMES = ["hospital-north", "hospital-south", "hospital-east", "hospital-west", "hospital-centre"]
+
+
+def _own_copy(link: Path) -> Path:
+    """Replace a site's link to a shared case folder by a copy the test may change."""
+    target = link.resolve()
+    link.unlink()
+    shutil.copytree(target, link)
+    return link
+
+
+def test_split_deals_every_case_once(phantom_root, tmp_path) -> None:
+    folders = split_sites(phantom_root, tmp_path, NAMES, split="all")
+    cases = sorted(p.name for f in folders.values() for p in f.glob("*/*"))
+    assert len(cases) == len(set(cases)) == len(list(phantom_root.glob("HGG/*"))) + len(list(phantom_root.glob("LGG/*")))
+    config = json.loads((tmp_path / "modalitybank_site.json").read_text())
+    assert config["sites"] == {n: {"data_root": str(tmp_path / n)} for n in NAMES}
+
+
+def test_discovery_skips_a_case_lacking_a_modality_the_site_holds(phantom_root, tmp_path) -> None:
+    site = split_sites(phantom_root, tmp_path, ["a"], split="train")["a"]
+    first, *_ = sorted(site.glob("HGG/*"))
+    next(_own_copy(first).glob("*_t2.nii.gz")).unlink()
+    modalities, cases, skipped, grades = discover_site(site)
+    assert modalities == ["t1", "t1c", "t2", "flair"] and grades == ("HGG",)
+    assert first.name not in cases and len(skipped) == 1 and f"case {first.name} skipped: missing" in skipped[0]
+
+
+@pytest.mark.slow
+def test_five_named_sites_with_their_own_folders_and_modalities(phantom_root, cache_dir, pretrained, tmp_path) -> None:
+    folders = split_sites(phantom_root, tmp_path / "sites", NAMES, split="all", grades=("HGG",))
+    big = next(n for n in NAMES if len(list(folders[n].glob("HGG/*"))) >= 2)  # a case missing a file: skipped
+    bad_case = sorted(folders[big].glob("HGG/*"))[0]
+    next(_own_copy(bad_case).glob("*_t2.nii.gz")).unlink()
+    no_flair = next(n for n in NAMES if n != big)  # a site without FLAIR at all
+    for case in folders[no_flair].glob("*/*"):
+        next(_own_copy(case).glob("*_flair.nii.gz")).unlink()
+    config = json.loads((tmp_path / "sites" / "modalitybank_site.json").read_text())
+    config["default"] = {"cache_dir": str(cache_dir)}
+    (tmp_path / "site_config.json").write_text(json.dumps(config))
+
+    result = simulate("modalitybank_multimodal", tmp_path / "run", scale="tiny", rounds=3, clients=NAMES,
+                      progress=False, pretrained=str(pretrained), site_config=tmp_path / "site_config.json")
+    log = Path(result["log"]).read_text()
+    assert result["rounds"] == 3 and result["sites"] == sorted(NAMES)
+    for name in NAMES:
+        expected = "['t1', 't2']" if name == no_flair else "['t1', 't2', 'flair']"
+        assert f"site {name} joined:" in log and f"modalities {expected}" in log.split(f"site {name} joined:")[1][:80]
+    assert f"site {big}: case {bad_case.name} skipped: missing" in log
+    metrics = [json.loads(line) for line in (Path(result["checkpoint"]) / "metrics.jsonl").read_text().splitlines()]
+    assert f"{no_flair}/flair" not in metrics[-1]["losses"] and f"{no_flair}/t1" in metrics[-1]["losses"]
