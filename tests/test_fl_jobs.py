@@ -20,13 +20,20 @@ REPO = Path(__file__).resolve().parents[1]
 NVFLARE = [sys.executable, "-m", "nvflare.cli"]
 
 
+def _sorted_tasks(node: object) -> object:
+    """``tasks`` lists sorted: the Job API writes a filter's tasks from a set, in no fixed order."""
+    if isinstance(node, dict):
+        return {k: sorted(v) if k == "tasks" else _sorted_tasks(v) for k, v in node.items()}
+    return [_sorted_tasks(v) for v in node] if isinstance(node, list) else node
+
+
 def _tree(root: Path) -> dict[str, object]:
-    """Every file below ``root``: JSON parsed (key order and layout do not matter), others as bytes."""
+    """Every file below ``root``: JSON parsed (key order, layout and task order do not matter), others as bytes."""
     out: dict[str, object] = {}
     for path in sorted(root.rglob("*")):
         if path.is_file():
             rel = str(path.relative_to(root))
-            out[rel] = json.loads(path.read_text()) if path.suffix == ".json" else path.read_bytes()
+            out[rel] = _sorted_tasks(json.loads(path.read_text())) if path.suffix == ".json" else path.read_bytes()
     return out
 
 

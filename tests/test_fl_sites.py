@@ -63,3 +63,38 @@ def test_five_named_sites_with_their_own_folders_and_modalities(phantom_root, ca
     assert f"site {big}: case {bad_case.name} skipped: missing" in log
     metrics = [json.loads(line) for line in (Path(result["checkpoint"]) / "metrics.jsonl").read_text().splitlines()]
     assert f"{no_flair}/flair" not in metrics[-1]["losses"] and f"{no_flair}/t1" in metrics[-1]["losses"]
+
+
+def _hashes(folder: Path) -> dict[str, str]:
+    import hashlib
+
+    return {p.stem: hashlib.sha256(p.read_bytes()).hexdigest() for p in (folder / "entries").glob("*.pt")}
+
+
+@pytest.mark.slow
+def test_a_modality_that_joins_later_learns_only_its_own_entry(phantom_root, cache_dir, pretrained, tmp_path) -> None:
+    from modalitybank.data.brats import SiteDataset
+    from modalitybank.store import load_generator, read_info
+    from modalitybank.synthesis import evaluate_generator
+
+    common = {"scale": "tiny", "rounds": 2, "progress": False, "data_root": str(phantom_root),
+              "cache_dir": str(cache_dir), "pretrained": str(pretrained)}
+    first = simulate("modalitybank_missing_modality", tmp_path / "first", **common)  # T1c + T2 + FLAIR
+    before = _hashes(Path(first["checkpoint"]))
+    assert sorted(before) == ["flair", "t1c", "t2"]
+    # T1 joins: the sites that hold it learn a new entry; the base and every other entry stay as they are
+    second = simulate("modalitybank_multimodal", tmp_path / "second", resume_from=first["checkpoint"],
+                      add_modalities="t1", **common)
+    checkpoint = Path(second["checkpoint"])
+    after = _hashes(checkpoint)
+    assert sorted(after) == ["flair", "t1", "t1c", "t2"] and all(after[m] == before[m] for m in before)
+    assert second["rounds"] == 2 and second["sites"] == ["site-1", "site-2", "site-3"]
+    sent = {json.loads(line)["key"] for line in next(Path(p) for p in second["ledgers"] if "/server/" in p)
+            .read_text().splitlines() if json.loads(line)["direction"] == "sent"}
+    assert sent - {None} == {"fake/t1"}  # only the new entry is learned (None: the hellos carry no key)
+    provenance = read_info(checkpoint)["provenance"]
+    assert provenance["t1"]["sites"] == {"site-1": 2, "site-2": 2, "site-3": 2}
+    assert provenance["t2"] == read_info(first["checkpoint"])["provenance"]["t2"]  # carried over
+    test = SiteDataset(phantom_root, None, ["t1", "t1c", "t2", "flair"], split="test", cache_dir=cache_dir)
+    quality = evaluate_generator(load_generator(checkpoint), test)
+    assert sorted(quality) == ["flair", "t1", "t1c", "t2"] and all(q["l1"] > 0 for q in quality.values())

@@ -99,7 +99,10 @@ def cmd_fl_simulate(a: argparse.Namespace) -> dict[str, Any]:
                       with_code=a.with_code, clients=a.clients.split(",") if a.clients else None,
                       site_config=a.site_config, data_root=str(a.data.resolve()) if a.data else None,
                       cache_dir=str(a.cache_dir.resolve()) if a.cache_dir else None, wire_dtype=a.wire_dtype,
-                      pretrained=str(a.pretrained.resolve()) if a.pretrained else None)
+                      pretrained=str(a.pretrained.resolve()) if a.pretrained else None,
+                      resume_from=str(a.resume_from.resolve()) if a.resume_from else None,
+                      add_modalities=",".join(a.add_modality) if a.add_modality else None,
+                      keep_learning=a.keep_learning or None)
     result.pop("log")
     return result
 
@@ -279,6 +282,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pretrained", type=Path, default=None, help="pre-trained generator folder (default: built once)")
     p.add_argument("--n-clients", type=int, default=3)
     p.add_argument("--clients", default=None, help="comma-separated site names (instead of site-1..N)")
+    p.add_argument("--resume-from", type=Path, default=None,
+                   help="a finished generator (checkpoint folder) whose bank gets new entries; the others stay frozen")
+    p.add_argument("--add-modality", action="append", default=None, help="a new bank entry to learn (repeatable)")
+    p.add_argument("--keep-learning", action="store_true",
+                   help="with --resume-from: the existing entries of the job's modalities learn on too")
     p.add_argument("--site-config", type=Path, default=None,
                    help="the sites' own settings (modalitybank_site.json, e.g. from `modalitybank data split`)")
     p.add_argument("--wire-dtype", choices=["float32", "float16"], default=None)

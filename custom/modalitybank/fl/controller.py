@@ -12,6 +12,7 @@ server resumes from the last one.
 from __future__ import annotations
 
 import importlib
+import shutil
 import threading
 import time
 from pathlib import Path
@@ -34,7 +35,7 @@ from modalitybank.fl.ledger import Ledger
 from modalitybank.gan import generator_step
 from modalitybank.networks import build_generator, mask_channels
 from modalitybank.runlog import RunLog
-from modalitybank.store import load_generator, save_generator
+from modalitybank.store import load_generator, read_info, save_generator
 from modalitybank.training import TrainSettings
 
 __all__ = ["RUN_FILE", "STATE_FILE", "ModalityBankController", "check_gradient"]
@@ -93,6 +94,12 @@ class ModalityBankController(Controller):
         wire_dtype: ``float32`` or ``float16`` for fakes and gradients.
         task_check_period: how often the communicator checks tasks (seconds).
         seed: initialisation.
+        resume_from: a finished generator folder (a checkpoint) to continue from: its base and entries
+            are loaded, and only ``add_modalities`` (plus, with ``keep_learning``, its entries of the
+            experiment's targets) are learned. Entries not learned are copied unchanged (bit-identical).
+        add_modalities: comma-separated new bank entries to learn (with ``resume_from``), e.g. ``"t1"``.
+        keep_learning: with ``resume_from``, the existing entries of the experiment's targets learn on too
+            (a hospital joining with modalities the bank has); else they stay frozen.
         threads: torch threads of the server process.
         measure_wire_bytes: record in the server ledger the serialised size of every message
             (what NVFlare sends), for ``modalitybank bench fl``.
@@ -100,13 +107,15 @@ class ModalityBankController(Controller):
 
     #: Written into job configs even at their defaults (``FedJob.export_job``), so a job shows them all.
     _always_serialize_args = ("scale", "experiment", "iterations", "baseline", "pretrained", "checkpoint_dir",
-                              "min_sites", "site_timeout", "join_timeout", "max_grad_norm", "wire_dtype")
+                              "min_sites", "site_timeout", "join_timeout", "max_grad_norm", "wire_dtype",
+                              "resume_from", "add_modalities", "keep_learning")
 
     def __init__(self, scale: str = "tiny", experiment: str = "multimodal", iterations: int = 0, baseline: str = "",
                  pretrained: str = "", checkpoint_dir: str = "checkpoint", checkpoint_every: int = 0,
                  min_sites: int = 0, site_timeout: float = 120.0, join_timeout: float = 900.0,
                  max_grad_norm: float = 1e4, wire_dtype: str = "float32", task_check_period: float = 0.01,
-                 seed: int = 0, threads: int = 1, measure_wire_bytes: bool = False) -> None:
+                 seed: int = 0, resume_from: str = "", add_modalities: str = "", keep_learning: bool = False,
+                 threads: int = 1, measure_wire_bytes: bool = False) -> None:
         super().__init__(task_check_period=task_check_period)
         if wire_dtype not in ("float32", "float16"):
             raise ValueError(f"wire_dtype must be float32 or float16, not {wire_dtype!r}")
@@ -117,6 +126,9 @@ class ModalityBankController(Controller):
         self.min_sites, self.site_timeout, self.join_timeout = min_sites, site_timeout, join_timeout
         self.max_grad_norm, self.wire_dtype, self.seed = max_grad_norm, wire_dtype, seed
         self.threads, self.measure_wire_bytes = threads, measure_wire_bytes
+        self.resume_from, self.add_modalities, self.keep_learning = resume_from, add_modalities, keep_learning
+        if add_modalities and not resume_from:
+            raise ValueError("add_modalities needs resume_from: the generator whose bank gets the new entries")
         self.settings = TrainSettings.from_preset(scale, "bank", seed=seed, iterations=iterations or None,
                                                   checkpoint_every=checkpoint_every or None)
         self._results: dict[tuple[str, str, int], Shareable] = {}
@@ -131,13 +143,24 @@ class ModalityBankController(Controller):
         self.ckpt.mkdir(parents=True, exist_ok=True)
         self.ledger = Ledger(run_dir / wire.LEDGER_FILE)
         self.targets = list(config.experiment(self.experiment)["targets"])
+        self.frozen: list[str] = []  # entries of resume_from kept as they are
         self._build_generator(fl_ctx)
 
     def _build_generator(self, fl_ctx: FLContext) -> None:
         state_path = self.ckpt / STATE_FILE
         state = torch.load(state_path, map_location="cpu", weights_only=False) if state_path.is_file() else None
+        previous = read_info(self.resume_from) if self.resume_from else {}
+        if self.resume_from:
+            self._resume_targets(previous)
         if state is not None:
             self.generator = load_generator(self.ckpt)
+        elif self.resume_from:
+            self.generator = load_generator(self.resume_from)
+            (self.ckpt / "entries").mkdir(parents=True, exist_ok=True)
+            for name in self.frozen:  # byte for byte: what the bank already holds does not change
+                shutil.copyfile(Path(self.resume_from) / "entries" / f"{name}.pt", self.ckpt / "entries" / f"{name}.pt")
+            self.log_info(fl_ctx, f"continuing the bank of {self.resume_from}: learning {self.targets}, "
+                          f"frozen {self.frozen}")
         elif self.baseline == "asyndgan":
             torch.manual_seed(self.seed)
             self.generator = build_generator(config.preset(self.scale)["model"], output_modalities=self.targets)
@@ -150,14 +173,32 @@ class ModalityBankController(Controller):
         modulated = self.generator.config["modulated"]
         self.optimizer = self.settings.adam(self.generator.bank.learn(self.targets) if modulated
                                             else list(self.generator.parameters()))
-        self.start, self.contributions = 0, {}
+        self.start, self.contributions, self.entry_sites = 0, {}, {}
         if state is not None:
             self.optimizer.load_state_dict(state["g_opt"])
             self.start, self.contributions = state["iteration"], dict(state.get("contributions", {}))
+            self.entry_sites = dict(state.get("entry_sites", {}))
             self.log_info(fl_ctx, f"resumed from the checkpoint in {self.ckpt} at iteration {self.start}")
         self.meta = {"stage": "federated", "experiment": self.experiment, "scale": self.scale,
                      "image_size": config.preset(self.scale)["slices"]["image_size"],
-                     "baseline": self.baseline or None}
+                     "baseline": self.baseline or None, "provenance": dict(previous.get("provenance", {}))}
+        if self.resume_from:
+            self.meta["resumed_from"] = str(self.resume_from)
+
+    def _resume_targets(self, previous: dict[str, Any]) -> None:
+        """With ``resume_from``: the entries to learn (the new ones, and with ``keep_learning`` the
+        experiment's existing ones) and those kept frozen."""
+        have = list(previous.get("modalities", []))
+        new = [m.strip() for m in self.add_modalities.split(",") if m.strip()]
+        unknown = [m for m in new if m not in config.MODALITIES]
+        if unknown or [m for m in new if m in have]:
+            raise ValueError(f"add_modalities {new}: must be modalities of {list(config.MODALITIES)} that "
+                             f"{self.resume_from} does not hold yet (it holds {have})")
+        kept = [m for m in self.targets if m in have] if self.keep_learning else []
+        self.targets = new + kept
+        if not self.targets:
+            raise ValueError(f"nothing to learn from {self.resume_from}: name add_modalities or keep_learning")
+        self.frozen = [m for m in have if m not in self.targets]
 
     def stop_controller(self, fl_ctx: FLContext) -> None:
         pass
@@ -228,6 +269,10 @@ class ModalityBankController(Controller):
                 if report:
                     for name in {key.split("/")[0] for key in report}:
                         self.contributions[name] = self.contributions.get(name, 0) + 1
+                    for key in report:
+                        name, modality = key.split("/")
+                        counts = self.entry_sites.setdefault(modality, {})
+                        counts[name] = counts.get(name, 0) + 1
                     mean = log.write(iteration + 1, report, seconds=round(t_iter, 4))
                     rate = (time.perf_counter() - t0) / (iteration + 1 - self.start)
                     self.log_info(fl_ctx, f"iteration {iteration + 1}/{total} | {rate:.2f} s/it | ETA "
@@ -354,7 +399,11 @@ class ModalityBankController(Controller):
                 site.probe = self._send(site, wire.TASK_HELLO, {}, iteration, fl_ctx)
 
     def _checkpoint(self, iteration: int) -> None:
-        save_generator(self.generator, self.ckpt, self.meta)
-        atomic_save({"iteration": iteration, "g_opt": self.optimizer.state_dict(),
-                     "contributions": self.contributions}, self.ckpt / STATE_FILE)
+        for modality, sites in self.entry_sites.items():  # which sites and iterations made each entry
+            self.meta["provenance"][modality] = {"sites": dict(sorted(sites.items())), "job_experiment": self.experiment,
+                                                 "learned_from": str(self.resume_from or self.pretrained or "default")}
+        learned = self.targets if self.generator.config["modulated"] else None
+        save_generator(self.generator, self.ckpt, self.meta, modalities=learned)
+        atomic_save({"iteration": iteration, "g_opt": self.optimizer.state_dict(), "contributions": self.contributions,
+                     "entry_sites": self.entry_sites}, self.ckpt / STATE_FILE)
         self._summary(iteration, status="running" if iteration < self.settings.iterations else "completed")
