@@ -135,6 +135,11 @@ def cmd_fl_provision(a: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_bench_fl(a: argparse.Namespace) -> dict[str, Any]:
+    if a.sites:
+        from modalitybank.bench_sites import bench_fl_sites
+
+        return bench_fl_sites(a.sites, a.scale, iterations=a.iterations, workdir=a.workdir, figure=a.figure,
+                              progress=not a.quiet)
     from modalitybank.bench import bench_fl
 
     return bench_fl(a.scale, iterations=a.iterations, workdir=a.workdir, wire_dtype=a.wire_dtype,
@@ -267,6 +272,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workdir", default=None, help="where the simulator runs (default: a temporary folder)")
     p.add_argument("--quiet", action="store_true")
     p.add_argument("--json", action="store_true")
+    p.add_argument("--sites", type=int, nargs="+", default=None,
+                   help="site counts to compare (e.g. 3 6 12): seconds per iteration against the number of sites")
+    p.add_argument("--figure", type=Path, default=None, help="with --sites: where the PNG curve goes")
     p.set_defaults(fn=cmd_bench_fl)
 
     fl = sub.add_parser("fl", help="federated runs on NVFlare").add_subparsers(dest="fl_command", required=True)

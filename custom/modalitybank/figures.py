@@ -16,7 +16,7 @@ from matplotlib.colors import ListedColormap  # noqa: E402
 
 from modalitybank.networks import ResnetGenerator, mask_channels  # noqa: E402
 
-__all__ = ["loss_curves", "modality_grid"]
+__all__ = ["loss_curves", "modality_grid", "scaling_curve"]
 
 #: Colours of the mask column: outside brain, brain, necrosis (1), edema (2), enhancing (4).
 _MASK_CMAP = ListedColormap(["black", "#4a4a4a", "#d62728", "#2ca02c", "#ffdd00"])
@@ -90,6 +90,24 @@ def loss_curves(metrics_jsonl: str | Path, path: str | Path, title: str = "", sm
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return Path(path)
+
+
+def scaling_curve(sites: Sequence[int], federated: Sequence[float], reference: Sequence[float],
+                  path: str | Path) -> Path:
+    """Seconds per iteration against the number of sites: the NVFlare simulator and the single-process reference."""
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    ax.plot(sites, federated, "o-", label="federated (NVFlare simulator)")
+    ax.plot(sites, reference, "s--", label="reference (one process)")
+    ax.set_xlabel("sites")
+    ax.set_ylabel("seconds per iteration")
+    ax.set_xticks(list(sites))
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return Path(path)

@@ -113,7 +113,8 @@ def gan_step(generator: nn.Module, g_optimizer: torch.optim.Optimizer, sites: Ma
     then one generator step on the sum of their gradients.
 
     Args:
-        generator: a generator with ``generate(mask, modalities) -> {modality: fake}``.
+        generator: a generator with ``generate_for_sites(masks, modalities) -> {site: {modality: fake}}``
+            (one pass per modality over all sites' masks).
         g_optimizer: optimiser over what the generator learns (bank entries, or all weights in
             pre-training).
         sites: ``{site: SiteModel}``.
@@ -125,10 +126,11 @@ def gan_step(generator: nn.Module, g_optimizer: torch.optim.Optimizer, sites: Ma
     """
     generator.train()
     fakes, grads, report = [], [], {}
+    all_fakes = generator.generate_for_sites({name: batches[name].mask for name in sites},
+                                             {name: site.modalities for name, site in sites.items()})
     for name, site in sites.items():
         batch = batches[name]
-        site_fakes = generator.generate(batch.mask, site.modalities)
-        for modality, fake in site_fakes.items():
+        for modality, fake in all_fakes[name].items():
             grad, losses = site_step(site.discriminators[modality], site.optimizers[modality], batch.mask,
                                      batch.reals[modality], fake, loss)
             fakes.append(fake)

@@ -14,7 +14,7 @@ brain-mask channel (:func:`mask_channels`), so it knows where the brain is.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -173,6 +173,26 @@ class ResnetGenerator(nn.Module):
             with self.bank.using(None if use_base else m):
                 fakes[m] = self(mask)
         return fakes
+
+    def generate_for_sites(self, masks: Mapping[str, torch.Tensor],
+                           modalities: Mapping[str, Sequence[str]]) -> dict[str, dict[str, torch.Tensor]]:
+        """Every site's fakes, one pass per modality over the masks of all sites that hold it.
+
+        Args:
+            masks: ``{site: (N_site, 5, *spatial)}`` mask channels.
+            modalities: ``{site: modalities it holds}``.
+
+        Returns ``{site: {modality: (N_site, 1, *spatial)}}``, views of the batched outputs (so the
+        sites' gradients backpropagate through one graph). The norm layers are per-sample (instance
+        norm), so batching changes no value.
+        """
+        out: dict[str, dict[str, torch.Tensor]] = {site: {} for site in masks}
+        for m in dict.fromkeys(m for mods in modalities.values() for m in mods):
+            holders = [site for site in masks if m in modalities[site]]
+            fake = self.generate(torch.cat([masks[site] for site in holders]), [m])[m]
+            for site, part in zip(holders, fake.split([masks[site].shape[0] for site in holders]), strict=True):
+                out[site][m] = part
+        return out
 
 
 def build_generator(model: dict[str, Any], spatial_dims: int = 2, output_modalities: Sequence[str] | None = None,

@@ -20,7 +20,8 @@ __all__ = ["split_sites"]
 
 
 def split_sites(root: str | os.PathLike[str], out: str | os.PathLike[str], sites: int | Sequence[str],
-                split: str = "train", seed: int = 0, grades: Sequence[str] = ("HGG", "LGG")) -> dict[str, Path]:
+                split: str = "train", seed: int = 0, grades: Sequence[str] = ("HGG", "LGG"),
+                reuse: bool = False) -> dict[str, Path]:
     """Deal the cases of ``split`` (``train`` keeps the test cases out of every site) of ``root`` to ``sites``.
 
     Args:
@@ -31,6 +32,8 @@ def split_sites(root: str | os.PathLike[str], out: str | os.PathLike[str], sites
         seed: the shuffle before the cases are dealt round-robin.
         grades: the grade folders to deal (those present; the phantom's LGG folder is the T1c-only
             pre-training source, so its simulations take ``("HGG",)``).
+        reuse: with fewer cases than sites, deal the cases round and round so that every site gets
+            one (sites then share cases: for benchmarks of the federation, not for experiments).
 
     Returns ``{site: folder}``; ``out/modalitybank_site.json`` maps every site to its folder.
     """
@@ -40,9 +43,10 @@ def split_sites(root: str | os.PathLike[str], out: str | os.PathLike[str], sites
         raise ValueError(f"site names must be distinct and at least one: {names}")
     grades = [g for g in grades if (root / g).is_dir()]
     records = split_cases(scan_cases(root, grades), root, split, seed=seed)
-    if len(records) < len(names):
+    if len(records) < len(names) and not reuse:
         raise ValueError(f"{root}: {len(records)} {split} case(s) for {len(names)} sites")
     order = np.random.default_rng(seed).permutation(len(records))
+    order = np.resize(order, max(len(records), len(names)))  # reuse: round and round
     folders = {}
     for i, name in enumerate(names):
         site = out / name

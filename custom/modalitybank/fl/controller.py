@@ -346,11 +346,11 @@ class ModalityBankController(Controller):
         self._probe_absent(sites, iteration, fl_ctx)
         self.generator.train()
         sent: dict[str, tuple[Task, dict[str, torch.Tensor]]] = {}
-        for site in sites.values():
-            if not site.active or not site.modalities:
-                continue
-            label, brain = wire.decode_masks(site.masks)
-            fakes = self.generator.generate(mask_channels(label, brain), site.modalities)
+        taking_part = [site for site in sites.values() if site.active and site.modalities]
+        masks = {site.name: mask_channels(*wire.decode_masks(site.masks)) for site in taking_part}
+        all_site_fakes = self.generator.generate_for_sites(masks, {s.name: s.modalities for s in taking_part})
+        for site in taking_part:
+            fakes = all_site_fakes[site.name]
             payload = {wire.fake_key(m): wire.to_wire(f, self.wire_dtype) for m, f in fakes.items()}
             sent[site.name] = (self._send(site, wire.TASK_STEP, payload, iteration, fl_ctx), fakes)
         all_fakes, all_grads, report = [], [], {}

@@ -1,0 +1,95 @@
+"""How the federation scales with the number of sites: seconds per iteration in the NVFlare simulator
+against the single-process reference, at several site counts, in one command.
+
+Every site holds T1 + T2 + FLAIR and its own folder of the phantom (``modalitybank data split``;
+sites share cases when there are more sites than cases, which changes nothing in the timing). The
+per-site overhead is the slope of the federated seconds over the number of sites, less the slope of
+the reference (a site's own compute: its discriminators and its share of the generator), as a
+fraction of the latter.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from modalitybank import config
+
+__all__ = ["bench_fl_sites"]
+
+
+def _slope(xs: Sequence[int], ys: Sequence[float]) -> float:
+    return float(np.polyfit(np.asarray(xs, float), np.asarray(ys, float), 1)[0])
+
+
+def _reference(folders: dict[str, Path], scale: str, iterations: int, warmup: int, pretrained: Path,
+               cache: Path) -> float:
+    """Median seconds of :func:`~modalitybank.gan.gan_step` with every site's discriminators in this process."""
+    from modalitybank.data.brats import SiteDataset
+    from modalitybank.gan import GanLoss, gan_step
+    from modalitybank.store import load_generator
+    from modalitybank.training import BatchStream, TrainSettings, make_site_models
+
+    targets = config.experiment("multimodal")["targets"]
+    p = config.preset(scale)
+    slices = {k: p["slices"][k] for k in ("image_size", "min_tumour_fraction", "max_slices_per_case")}
+    settings = TrainSettings.from_preset(scale, "bank")
+    generator = load_generator(pretrained)
+    optimizer = settings.adam(generator.bank.learn(targets))
+    sites = make_site_models({s: targets for s in folders}, p["model"], settings)
+    streams = {s: BatchStream(SiteDataset(f, None, targets, split="all", cache_dir=cache, **slices), settings.batch_size, i)
+               for i, (s, f) in enumerate(folders.items())}
+    times = []
+    for _ in range(iterations):
+        batches = {s: next(streams[s]) for s in sites}
+        start = time.perf_counter()
+        gan_step(generator, optimizer, sites, batches, GanLoss(lambda_l1=settings.lambda_l1))
+        times.append(time.perf_counter() - start)
+    return statistics.median(times[warmup:])
+
+
+def bench_fl_sites(site_counts: Sequence[int] = (3, 6, 12), scale: str = "tiny", iterations: int = 20,
+                   workdir: str | Path | None = None, figure: str | Path | None = None,
+                   progress: bool = True) -> dict[str, Any]:
+    """Seconds per iteration against the number of sites, federated and reference; see the module docstring.
+
+    Returns ``{"sites": {"<n>": federated s/it}, "reference": {"<n>": s/it}, "per_site_overhead": float,
+    "per_site_compute": s, "figure": png path, ...}``.
+    """
+    from modalitybank.data.default import CACHE_ROOT, default_phantom, default_pretrained
+    from modalitybank.data.sites import split_sites
+    from modalitybank.figures import scaling_curve
+    from modalitybank.fl.jobs import simulate
+
+    warmup = min(3, iterations // 4)
+    data, cache = default_phantom(scale), CACHE_ROOT / "slices"
+    pretrained = default_pretrained(scale, data_root=data, cache_dir=cache)
+    work = Path(workdir or tempfile.mkdtemp(prefix="modalitybank-bench-sites-"))
+    federated, reference = {}, {}
+    for n in site_counts:
+        names = [f"site-{i + 1}" for i in range(n)]
+        folders = split_sites(data, work / f"sites-{n}", names, split="train", grades=("HGG",), reuse=True)
+        reference[str(n)] = round(_reference(folders, scale, iterations, warmup, pretrained, cache), 4)
+        result = simulate("modalitybank_multimodal", work / f"run-{n}", scale=scale, rounds=iterations, clients=names,
+                          progress=False, pretrained=str(pretrained), cache_dir=str(cache),
+                          site_config=work / f"sites-{n}" / "modalitybank_site.json")
+        lines = (Path(result["checkpoint"]) / "metrics.jsonl").read_text().splitlines()
+        federated[str(n)] = round(statistics.median(json.loads(x)["seconds"] for x in lines[warmup:]), 4)
+        if progress:
+            print(f"[bench] {n} sites: federated {federated[str(n)]:.3f} s/it, reference {reference[str(n)]:.3f} s/it",
+                  flush=True)
+    counts = [int(n) for n in federated]
+    per_site = _slope(counts, list(reference.values()))
+    overhead = (_slope(counts, list(federated.values())) - per_site) / per_site
+    png = scaling_curve(counts, list(federated.values()), list(reference.values()),
+                        Path(figure) if figure else work / "bench_fl_sites.png")
+    return {"sites": federated, "reference": reference, "per_site_overhead": round(overhead, 3),
+            "per_site_compute": round(per_site, 4), "scale": scale, "iterations": iterations,
+            "figure": str(png)}
