@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -13,27 +12,13 @@ from pathlib import Path
 import pytest
 import torch
 
+from modalitybank.fl.jobs import export_job
+from modalitybank.fl.policy import admit_package
 from modalitybank.fl.segmentation import FedSegmentationNet, experiment_modalities, site_inputs
 from modalitybank.networks import segmentation_network
 
-JOB = Path(__file__).resolve().parents[1] / "jobs" / "fedavg_segmentation"
+NVFLARE = [sys.executable, "-m", "nvflare.cli"]
 SITES = ("site-1", "site-2", "site-3")
-
-
-def _nvflare() -> list[str]:
-    script = Path(sys.executable).parent / "nvflare"
-    if script.is_file():
-        return [str(script)]
-    found = shutil.which("nvflare")
-    if found:
-        return [found]
-    return [sys.executable, "-c", "import sys; from nvflare.cli import main; sys.exit(main())"]
-
-
-def _edit(path: Path, edit) -> None:
-    conf = json.loads(path.read_text())
-    edit(conf)
-    path.write_text(json.dumps(conf, indent=2))
 
 
 def _dice_ok(value: object) -> bool:
@@ -53,21 +38,11 @@ def test_missing_modality_channels_are_zero() -> None:
 
 @pytest.mark.slow
 def test_fedavg_segmentation_simulator(tmp_path: Path, phantom_root: Path, cache_dir: Path) -> None:
-    job = tmp_path / "job"
-    shutil.copytree(JOB, job, symlinks=False)  # carries the package itself as the job's custom code
-
-    def server(conf: dict) -> None:
-        conf["workflows"][0]["args"]["num_rounds"] = 2
-
-    def client(conf: dict) -> None:
-        conf["executors"][0]["executor"]["args"].update(
-            scale="tiny", data_root=str(phantom_root), cache_dir=str(cache_dir), local_steps=3)
-
-    _edit(job / "app" / "config" / "config_fed_server.json", server)
-    _edit(job / "app" / "config" / "config_fed_client.json", client)
-
+    job = export_job("fedavg_segmentation", tmp_path / "job", rounds=2, scale="tiny", data_root=str(phantom_root),
+                     cache_dir=str(cache_dir), local_steps=3)
     ws = tmp_path / "ws"
-    proc = subprocess.run([*_nvflare(), "simulator", str(job), "-w", str(ws), "-n", "3", "-t", "3"],
+    admit_package(ws / "local")  # the simulated sites' allow-list
+    proc = subprocess.run([*NVFLARE, "simulator", str(job), "-w", str(ws), "-n", "3", "-t", "3"],
                           capture_output=True, text=True, timeout=170, cwd=tmp_path)
     output = proc.stdout + proc.stderr
     assert proc.returncode == 0, output[-4000:]

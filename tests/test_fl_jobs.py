@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from modalitybank.fl.jobs import app, export_job, read_run
-from modalitybank.fl.policy import PACKAGE_PREFIX, admit_package
+from modalitybank.fl.policy import JOB_NVFLARE_CLASSES, PACKAGE_PREFIX, admit_package
 from modalitybank.resources import shared_dir
 
 REPO = Path(__file__).resolve().parents[1]
@@ -78,17 +78,23 @@ def test_unknown_job_arguments_are_refused(tmp_path) -> None:
         export_job("modalitybank_multimodal", tmp_path / "job", data_rot="/x")
 
 
-def test_simulator_workspace_admits_the_package() -> None:
-    """The committed simulator workspace holds the sites' allow-list, as admit_package writes it."""
+def test_simulator_workspace_admits_every_class_of_the_jobs(tmp_path) -> None:
+    """The committed simulator workspace holds the sites' allow-list as admit_package writes it, and it
+    admits every class the jobs name (NVFlare's own default list lacks some)."""
     committed = json.loads((REPO / "workspace" / "local" / "resources.json").read_text())
-    assert PACKAGE_PREFIX in committed["class_allow_list"]
+    assert committed == json.loads(admit_package(tmp_path).read_text())
+    allow = committed["class_allow_list"]
+    for config in shared_dir("jobs").rglob("config_fed_*.json"):
+        for path in re.findall(r'"path": "([^"]+)"', config.read_text()):
+            assert path in allow or any(path.startswith(p) for p in allow if p.endswith(".")), f"{config}: {path}"
 
 
 def test_admit_package_keeps_the_site_list(tmp_path) -> None:
     (tmp_path / "resources.json.default").write_text(json.dumps({"format_version": 2, "class_allow_list": ["a.b"],
                                                                  "components": []}))
     written = json.loads(admit_package(tmp_path).read_text())
-    assert written == {"format_version": 2, "class_allow_list": ["a.b", PACKAGE_PREFIX], "components": []}
+    assert written == {"format_version": 2, "class_allow_list": ["a.b", *JOB_NVFLARE_CLASSES, PACKAGE_PREFIX],
+                       "components": []}
 
 
 def _readme_line(prefix: str) -> str:

@@ -13,10 +13,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-__all__ = ["PACKAGE_PREFIX", "admit_package", "set_byoc"]
+__all__ = ["JOB_NVFLARE_CLASSES", "PACKAGE_PREFIX", "admit_package", "set_byoc"]
 
 #: The allow-list entry that admits every class of the package.
 PACKAGE_PREFIX = "modalitybank."
+#: NVFlare classes our jobs use that NVFlare's default allow-list lacks (the FedAvg job's persistor).
+JOB_NVFLARE_CLASSES = ("nvflare.app_opt.pt.file_model_persistor.PTFileModelPersistor",)
 
 
 def _read(local: Path, name: str, default: dict) -> dict:
@@ -27,7 +29,8 @@ def _read(local: Path, name: str, default: dict) -> dict:
 
 
 def admit_package(local: str | Path) -> Path:
-    """Add :data:`PACKAGE_PREFIX` to the ``class_allow_list`` of ``local/resources.json``.
+    """Add :data:`PACKAGE_PREFIX` and :data:`JOB_NVFLARE_CLASSES` to the ``class_allow_list`` of
+    ``local/resources.json``.
 
     The list starts from the site's own (``resources.json``, else ``resources.json.default``),
     else NVFlare's default list; nothing else in the file changes. Returns the file written.
@@ -37,8 +40,7 @@ def admit_package(local: str | Path) -> Path:
     local = Path(local)
     resources = _read(local, "resources.json", {"format_version": 2})
     allow = list(resources.get("class_allow_list", DEFAULT_CLASS_ALLOW_LIST))
-    if PACKAGE_PREFIX not in allow:
-        allow.append(PACKAGE_PREFIX)
+    allow += [entry for entry in (*JOB_NVFLARE_CLASSES, PACKAGE_PREFIX) if entry not in allow]
     resources["class_allow_list"] = allow
     local.mkdir(parents=True, exist_ok=True)
     path = local / "resources.json"
