@@ -10,12 +10,14 @@ import pytest
 import torch
 from faulty_site import FaultySiteExecutor
 
+from modalitybank import dp
 from modalitybank.fl.jobs import simulate
+from modalitybank.fl.site_config import ENV_VAR
 from modalitybank.store import load_generator
 
 pytestmark = pytest.mark.slow
 
-DECLARED = {"grad/t1", "grad/t1c", "grad/t2", "grad/flair", "next_masks", "losses", "modalities", "slices"}
+DECLARED = {"grad/t1", "grad/t1c", "grad/t2", "grad/flair", "next_masks", "losses", "modalities", "slices", "privacy"}
 
 
 def _run(job: str, workdir: Path, phantom_root: Path, cache_dir: Path, pretrained: Path, rounds: int, **kw) -> dict:
@@ -122,3 +124,31 @@ def test_site_killed_mid_training_is_named_and_the_run_goes_on(phantom_root, cac
     assert "site site-3 at iteration" in text and "no answer in time; going on with ['site-1', 'site-2']" in text
     metrics = [json.loads(line) for line in (Path(out["checkpoint"]) / "metrics.jsonl").read_text().splitlines()]
     assert "site-3/t1" not in metrics[-1]["losses"] and "site-1/t1" in metrics[-1]["losses"]
+
+
+def test_privacy_modes_chosen_by_each_site_and_a_spent_budget(phantom_root, cache_dir, pretrained, tmp_path,
+                                                               monkeypatch) -> None:
+    """site-1 in dp with a budget for 2 steps, site-2 adversarial, site-3 standard (the job's fallback)."""
+    sigma, batch, modalities = 40.0, 8, 3  # multimodal: every site holds t1, t2, flair
+    z = sigma / (2 * (batch * modalities) ** 0.5)
+    budget = (dp.epsilon(z, 1.0, 2, 1e-5) + dp.epsilon(z, 1.0, 3, 1e-5)) / 2  # 2 steps fit, 3 do not
+    settings = {"sites": {"site-1": {"privacy": {"mode": "dp", "epsilon": budget, "delta": 1e-5, "clip": 0.1,
+                                                 "noise_multiplier": sigma}},
+                          "site-2": {"privacy": {"mode": "adversarial"}}}}
+    (tmp_path / "site.json").write_text(json.dumps(settings))
+    monkeypatch.setenv(ENV_VAR, str(tmp_path / "site.json"))  # the simulated sites' own settings
+    result = _run("modalitybank_multimodal", tmp_path, phantom_root, cache_dir, pretrained, rounds=5)
+    log = Path(result["log"]).read_text()
+    assert "site site-1 stops contributing: privacy budget spent: 2 steps released" in log
+    assert "site site-1 has spent its privacy budget at iteration 3" in log
+    assert result["rounds"] == 5 and result["sites"] == ["site-1", "site-2", "site-3"]
+    ledgers = {site: _ledger(next(p for p in result["ledgers"] if f"/{site}/" in p)) for site in ("site-1", "site-2")}
+    sent_grads = [e for e in ledgers["site-1"] if e["direction"] == "sent" and (e["key"] or "").startswith("grad/")]
+    assert len(sent_grads) == 2 * modalities and all(e["privacy_mode"] == "dp" for e in sent_grads)
+    assert max(e["epsilon_spent"] for e in sent_grads) <= budget
+    assert any(e["status"] == "error" and e["note"].endswith("privacy_budget_spent") for e in ledgers["site-1"])
+    assert all(e.get("privacy_mode") == "adversarial" for e in ledgers["site-2"] if e["direction"] == "sent")
+    metrics = [json.loads(line) for line in (Path(result["checkpoint"]) / "metrics.jsonl").read_text().splitlines()]
+    assert metrics[0]["losses"]["site-1/t1"] == {}  # dp: no loss computed on real images leaves
+    assert set(metrics[0]["losses"]["site-2/t1"]) == {"d", "g_adv"}  # adversarial: no L1 loss
+    assert "g_l1" in metrics[0]["losses"]["site-3/t1"] and "site-1/t1" not in metrics[-1]["losses"]

@@ -61,7 +61,7 @@ def test_job_with_code_carries_the_runtime_only(tmp_path) -> None:
     custom = job / "app" / "custom"
     modules = {str(p.relative_to(custom / "modalitybank")) for p in (custom / "modalitybank").rglob("*.py")}
     runtime = {"layers.py", "bank.py", "networks.py", "gan.py", "fl/wire.py", "fl/privacy.py", "fl/executor.py",
-               "fl/controller.py", "fl/ledger.py", "data/brats.py", "data/brats_cases.py", "data/slices.py"}
+               "fl/controller.py", "fl/ledger.py", "fl/site_config.py", "dp.py", "data/brats.py", "data/brats_cases.py", "data/slices.py"}
     assert runtime <= modules
     assert not modules & {"fl/deploy.py", "fl/jobs.py", "bench.py", "cli.py", "data/phantom.py", "data/anatomy.py",
                           "data/default.py", "fl/segmentation.py"}
@@ -128,9 +128,18 @@ def test_no_site_can_join_fails_with_the_reasons(tmp_path) -> None:
                            "--data", str(missing), "--rounds", "2", "--workdir", str(tmp_path / "ours"), "--json"],
                           capture_output=True, text=True, timeout=600)
     assert done.returncode != 0 and '"rounds"' not in done.stdout
-    for site in ("site-1", "site-2", "site-3"):
-        assert f"{site}: EXECUTION_EXCEPTION: BratsDataError: {missing}: data root does not exist" in done.stderr
-    assert read_run(tmp_path / "ours" / "checkpoint")["status"] == "failed"
+    run = read_run(tmp_path / "ours" / "checkpoint")
+    assert run["status"] == "failed"
+    for site in ("site-1", "site-2", "site-3"):  # the server names each site and its error code, no more
+        assert f"{site}: EXECUTION_EXCEPTION: data_error" in done.stderr
+        assert f"{site}: EXECUTION_EXCEPTION: data_error" in run["reason"] and str(missing) not in run["reason"]
+        # the detail stays in the site's own log; the reply that left is in its ledger, with the code only
+        site_log = (tmp_path / "ours" / "workspace" / site / "log.txt").read_text()
+        assert f"{missing}: data root does not exist" in site_log and "(data_error)" in site_log
+        ledger = [json.loads(line) for p in (tmp_path / "ours" / "workspace" / site).rglob("modalitybank_ledger.jsonl")
+                  for line in p.read_text().splitlines()]
+        assert any(e["status"] == "error" and e["note"] == "EXECUTION_EXCEPTION: data_error" for e in ledger)
+        assert not any(str(missing) in json.dumps(e) for e in ledger)
     # NVFlare's own simulator on the same job
     job = export_job("modalitybank_multimodal", tmp_path / "job", data_root=str(missing), rounds=2)
     workspace = tmp_path / "ws"
@@ -139,7 +148,7 @@ def test_no_site_can_join_fails_with_the_reasons(tmp_path) -> None:
                           capture_output=True, text=True, timeout=600)
     assert done.returncode != 0
     assert "run failed: 0 of 2 sites joined" in done.stdout + done.stderr
-    assert "site site-2 could not join: EXECUTION_EXCEPTION: BratsDataError" in done.stdout + done.stderr
+    assert "site site-2 could not join: EXECUTION_EXCEPTION: data_error" in done.stdout + done.stderr
 
 
 @pytest.mark.slow

@@ -62,7 +62,8 @@ class SiteBatch:
 
 
 def site_step(discriminator: nn.Module, optimizer: torch.optim.Optimizer, mask: torch.Tensor, real: torch.Tensor,
-              fake: torch.Tensor, loss: GanLoss = GanLoss()) -> tuple[torch.Tensor, dict[str, float]]:
+              fake: torch.Tensor, loss: GanLoss = GanLoss(),
+              returned: GanLoss | None = None) -> tuple[torch.Tensor, dict[str, float]]:
     """What a site does with one modality's fakes.
 
     Args:
@@ -71,11 +72,15 @@ def site_step(discriminator: nn.Module, optimizer: torch.optim.Optimizer, mask: 
         mask: ``(N, 5, *S)`` mask channels the fakes were made from.
         real: ``(N, 1, *S)`` the site's real images of that modality (never leave the site).
         fake: ``(N, 1, *S)`` synthetic images from the server (any autograd history is cut).
-        loss: loss weights.
+        loss: loss weights (the discriminator's update and the reported losses).
+        returned: loss weights of the gradient returned, if other than ``loss``: a site in privacy mode
+            ``adversarial`` returns ``GanLoss(lambda_l1=0)``'s (no L1 term) while its discriminator
+            update stays the same.
 
     Returns:
-        ``grad``: ``dL_G/d fake``, same shape as ``fake``, what the site returns to the server;
-        ``losses``: ``{"d": .., "g_adv": .., "g_l1": .., "g": ..}`` as floats.
+        ``grad``: ``dL_G/d fake`` of ``returned`` (or ``loss``), same shape as ``fake``, what the site
+        returns to the server; ``losses``: ``{"d": .., "g_adv": .., "g_l1": .., "g": ..}`` as floats
+        (``g`` of ``loss``).
     """
     adversarial = loss.adversarial()
     fake = fake.detach().to(real.dtype)
@@ -90,7 +95,8 @@ def site_step(discriminator: nn.Module, optimizer: torch.optim.Optimizer, mask: 
     loss_adv = adversarial(discriminator(mask, fake_leaf), target_is_real=True, for_discriminator=False)
     loss_l1 = F.l1_loss(fake_leaf, real)
     loss_g = loss_adv + loss.lambda_l1 * loss_l1
-    (grad,) = torch.autograd.grad(loss_g, fake_leaf)  # the discriminator's parameters get no gradient
+    sent = loss_g if returned is None else loss_adv + returned.lambda_l1 * loss_l1
+    (grad,) = torch.autograd.grad(sent, fake_leaf)  # the discriminator's parameters get no gradient
     losses = {"d": loss_d.item(), "g_adv": loss_adv.item(), "g_l1": loss_l1.item(), "g": loss_g.item()}
     return grad, losses
 

@@ -19,8 +19,13 @@ LOSS_KEYS = ("d", "g_adv", "g_l1")
 
 
 def mean_losses(report: Mapping[str, Mapping[str, float]]) -> dict[str, float]:
-    """The mean of each of :data:`LOSS_KEYS` over a report's ``"<site>/<modality>"`` entries."""
-    return {k: sum(r[k] for r in report.values()) / len(report) for k in LOSS_KEYS}
+    """The mean of each of :data:`LOSS_KEYS` over the ``"<site>/<modality>"`` entries that report it (a site's
+    privacy mode may hold losses back); NaN when none does."""
+    out = {}
+    for k in LOSS_KEYS:
+        values = [r[k] for r in report.values() if k in r]
+        out[k] = sum(values) / len(values) if values else float("nan")
+    return out
 
 
 def truncate_log(path: Path, last_iteration: int) -> None:

@@ -5,13 +5,15 @@ Per iteration, for every active site at once: make the fakes of the masks the si
 gradient (shape, finite, norm) and backpropagate the accepted ones into the bank entries
 (:func:`modalitybank.gan.generator_step`, one optimiser step). A site that does not answer within
 ``site_timeout`` is set aside and probed until it answers again; a site whose result is blocked or
-rejected is named in the log. Checkpoints every ``checkpoint_every`` iterations; a restarted
-server resumes from the last one.
+rejected is named in the log; a site that answers with an error is named with its error code (the
+detail stays in the site's log), and one that has spent its privacy budget (mode ``dp``) is set aside
+for good. Checkpoints every ``checkpoint_every`` iterations; a restarted server resumes from the last one.
 """
 
 from __future__ import annotations
 
 import importlib
+import math
 import shutil
 import threading
 import time
@@ -71,7 +73,14 @@ class _Site:
         self.modalities: list[str] = []
         self.masks: Any = None  # uint8 codes of the site's next batch
         self.active = False
+        self.retired = False  # spent its privacy budget: never asked again
+        self.privacy: dict[str, Any] = {"mode": "standard"}
         self.probe: Task | None = None
+
+    def gradient_limit(self, max_norm: float, fake: torch.Tensor) -> float:
+        """The norm a gradient of this site may have: ``max_norm``, plus room for the noise of a ``dp`` site
+        (its declared per-coordinate std σ·C: the noise's norm is about σ·C·√(numel), 2× that allowed)."""
+        return max_norm + 2.0 * float(self.privacy.get("noise_std", 0.0)) * math.sqrt(fake.numel())
 
 
 class ModalityBankController(Controller):
@@ -246,7 +255,9 @@ class ModalityBankController(Controller):
         site.modalities = [m for m in data[wire.MODALITIES] if m in self.targets]
         site.masks = data[wire.NEXT_MASKS]
         site.active = True
-        self.log_info(fl_ctx, f"site {site.name} joined: {data[wire.SLICES]} slices, modalities {site.modalities}")
+        site.privacy = dict(data.get(wire.PRIVACY) or {"mode": "standard"})
+        self.log_info(fl_ctx, f"site {site.name} joined: {data[wire.SLICES]} slices, modalities {site.modalities}, "
+                      f"privacy {site.privacy}")
 
     # -- the loop ---------------------------------------------------------------------------
     def control_flow(self, abort_signal: Signal, fl_ctx: FLContext) -> None:
@@ -258,6 +269,11 @@ class ModalityBankController(Controller):
             for iteration in range(self.start, total):
                 if abort_signal.triggered:
                     return
+                if not any(s.active for s in sites.values()) and all(s.retired for s in sites.values()):
+                    self.log_info(fl_ctx, f"every site has spent its privacy budget: stopping before iteration "
+                                  f"{iteration + 1} of {total}")
+                    total = iteration
+                    break
                 if not any(s.active for s in sites.values()) and not self._wait_for_return(sites, iteration,
                                                                                            abort_signal, fl_ctx):
                     self._fail(fl_ctx, f"every site dropped out before iteration {iteration + 1}: "
@@ -360,8 +376,13 @@ class ModalityBankController(Controller):
             problem = self._problem(result)
             if problem:
                 self.ledger.record(name, "received", wire.TASK_STEP, {}, iteration, status="missing", note=problem)
-                self.log_error(fl_ctx, f"site {name} at iteration {iteration + 1}: {problem}; going on with "
-                               f"{sorted(s.name for s in sites.values() if s.active and s.name != name)}")
+                others = sorted(s.name for s in sites.values() if s.active and s.name != name)
+                if problem.endswith(wire.ERROR_BUDGET_SPENT):
+                    self.log_error(fl_ctx, f"site {name} has spent its privacy budget at iteration {iteration + 1} "
+                                   f"({site.privacy}); it contributes no more; going on with {others}")
+                    site.retired = True
+                else:
+                    self.log_error(fl_ctx, f"site {name} at iteration {iteration + 1}: {problem}; going on with {others}")
                 site.active, site.reason = False, f"at iteration {iteration + 1}: {problem}"
                 continue
             data = from_shareable(result).data
@@ -369,7 +390,8 @@ class ModalityBankController(Controller):
             self.ledger.record(name, "received", wire.TASK_STEP, data, iteration,
                                extra={"wire_bytes": wire_bytes} if wire_bytes else None)
             grads = {m: wire.from_wire(data[wire.grad_key(m)]) for m in fakes}
-            rejected = {m: r for m, f in fakes.items() if (r := check_gradient(grads[m], f, self.max_grad_norm))}
+            rejected = {m: r for m, f in fakes.items()
+                        if (r := check_gradient(grads[m], f, site.gradient_limit(self.max_grad_norm, f)))}
             if rejected:
                 self.log_error(fl_ctx, f"site {name} at iteration {iteration + 1}: rejected {rejected}")
             for m, fake in fakes.items():
@@ -377,7 +399,8 @@ class ModalityBankController(Controller):
                     all_fakes.append(fake)
                     all_grads.append(grads[m])
                     losses = data[wire.LOSSES]
-                    report[f"{name}/{m}"] = {k: losses[f"{m}/{k}"] for k in ("d", "g_adv", "g_l1", "g")}
+                    report[f"{name}/{m}"] = {k: losses[f"{m}/{k}"] for k in ("d", "g_adv", "g_l1", "g")
+                                             if f"{m}/{k}" in losses}  # a site's privacy mode may hold some back
             site.masks = data[wire.NEXT_MASKS]
         if all_fakes:
             generator_step(self.optimizer, all_fakes, all_grads)
@@ -386,7 +409,7 @@ class ModalityBankController(Controller):
     def _probe_absent(self, sites: dict[str, _Site], iteration: int, fl_ctx: FLContext) -> None:
         """Ask every absent site to join again; take back those that answered (without waiting)."""
         for site in sites.values():
-            if site.active:
+            if site.active or site.retired:
                 continue
             if site.probe is not None and site.probe.completion_status is not None:
                 result = self._take(site.name, wire.TASK_HELLO, site.probe.props["iteration"])

@@ -4,8 +4,10 @@ It loads the site's slices when the run starts (NVFlare's ``START_RUN`` event, a
 ``LearnerExecutor`` does), keeps one discriminator per modality the site holds resident across
 iterations, and per task runs :func:`modalitybank.gan.site_step` on the fakes the server sent. It
 returns only gradients w.r.t. those fakes, scalar losses and the masks of its next batch; real
-images never leave (and the :mod:`~modalitybank.fl.privacy` guard checks it). A site whose set-up
-failed answers the server's hello with the reason, so the server can name it.
+images never leave (and the :mod:`~modalitybank.fl.privacy` guard checks it). What the gradients
+may carry is the site's privacy mode (:mod:`modalitybank.dp`), from its own settings. A site whose
+set-up or task failed answers with an error code (:data:`~modalitybank.fl.wire.ERROR_CODES`); the
+detail stays in its own log.
 """
 
 from __future__ import annotations
@@ -27,13 +29,15 @@ from nvflare.apis.signal import Signal
 
 from modalitybank import config
 from modalitybank.bank import atomic_save
+from modalitybank.dp import PrivacySettings, resolve_privacy
 from modalitybank.fl import wire
+from modalitybank.fl.privacy import LOSSES_ALLOWED
 from modalitybank.fl.site_config import read_site_config
 from modalitybank.gan import GanLoss, SiteBatch, SiteModel, site_step
 from modalitybank.resources import bundle_dir
 from modalitybank.training import BatchStream, TrainSettings, make_site_models
 
-__all__ = ["SiteExecutor", "site_data", "site_seed"]
+__all__ = ["SiteExecutor", "error_code", "site_data", "site_seed"]
 
 
 def site_data(data_root: str, cache_dir: str, scale: str, seed: int) -> tuple[Path, Path]:
@@ -55,6 +59,14 @@ def site_seed(site: str, seed: int = 0) -> int:
     return seed + zlib.crc32(site.encode()) % 1000
 
 
+def error_code(err: BaseException, default: str) -> str:
+    """The code a site answers for ``err``: :data:`~modalitybank.fl.wire.ERROR_DATA` for its data's errors,
+    else ``default``."""
+    from modalitybank.data.brats_cases import BratsDataError
+
+    return wire.ERROR_DATA if isinstance(err, BratsDataError | FileNotFoundError) else default
+
+
 class SiteExecutor(Executor):
     """One hospital site of a ModalityBank federation.
 
@@ -70,18 +82,22 @@ class SiteExecutor(Executor):
             given as a name, the job's ``custom/<name>`` if the job carries it, else the bundle
             installed with the package; empty: the package's defaults for the preset (the same figures).
         threads: torch threads of this process.
+        privacy_mode: the job's fallback privacy mode, ``standard`` or ``adversarial``; the site's own
+            settings (``"privacy"`` in ``local/modalitybank_site.json``) win, and ``dp`` can only come from them.
     """
 
     #: Written into job configs even at their defaults (``FedJob.export_job``), so a job shows them all.
-    _always_serialize_args = ("scale", "experiment", "data_root", "cache_dir", "discriminator_bundle", "threads")
+    _always_serialize_args = ("scale", "experiment", "data_root", "cache_dir", "discriminator_bundle", "threads",
+                              "privacy_mode")
 
     def __init__(self, scale: str = "tiny", experiment: str = "multimodal", data_root: str = "",
                  cache_dir: str = "", seed: int = 0, checkpoint_every: int = 0, threads: int = 1,
-                 discriminator_bundle: str = "") -> None:
+                 discriminator_bundle: str = "", privacy_mode: str = "standard") -> None:
         super().__init__()
         self.scale, self.experiment, self.seed = scale, experiment, seed
         self.data_root, self.cache_dir = data_root, cache_dir
         self.checkpoint_every, self.threads, self.discriminator_bundle = checkpoint_every, threads, discriminator_bundle
+        self.privacy_mode = privacy_mode
         self._ready = False
         self._setup_error: str | None = None
 
@@ -89,9 +105,10 @@ class SiteExecutor(Executor):
         if event_type == EventType.START_RUN:
             try:
                 self._setup(fl_ctx)
-            except Exception as err:  # answered to the server's hello, which names the site and the reason
-                self._setup_error = f"{type(err).__name__}: {err}"
-                self.log_exception(fl_ctx, f"site {fl_ctx.get_identity_name()} could not start: {err}")
+            except Exception as err:  # the server's hello is answered with the code; the detail stays here
+                self._setup_error = error_code(err, wire.ERROR_SETUP)
+                self.log_exception(fl_ctx, f"site {fl_ctx.get_identity_name()} could not start "
+                                   f"({self._setup_error}): {type(err).__name__}: {err}")
 
     # -- set-up -----------------------------------------------------------------------------
     def _setup(self, fl_ctx: FLContext) -> None:
@@ -104,6 +121,12 @@ class SiteExecutor(Executor):
         self.settings = TrainSettings.from_preset(self.scale, "bank", seed=self.seed,
                                                   checkpoint_every=self.checkpoint_every or None)
         self.model, self.loss = self._discriminators(fl_ctx)
+        self.privacy: PrivacySettings = resolve_privacy(own.get("privacy"), self.privacy_mode,
+                                                        min(self.settings.batch_size, len(self.dataset)),
+                                                        len(self.modalities))
+        #: the loss whose gradient leaves the site (adversarial: no L1 term); the discriminator's update is the same
+        self.returned = GanLoss(lambda_l1=0.0, criterion=self.loss.criterion) if self.privacy.mode == "adversarial" \
+            else None
         self.checkpoint = workspace / "modalitybank" / f"{self.experiment}-{self.scale}" / "discriminators.pt"
         if self.checkpoint.is_file():
             state = torch.load(self.checkpoint, map_location="cpu", weights_only=True)
@@ -114,8 +137,8 @@ class SiteExecutor(Executor):
         self.stream = BatchStream(self.dataset, self.settings.batch_size, site_seed(self.site, self.seed))
         self.pending: SiteBatch | None = None
         self.log_info(fl_ctx, f"site {self.site} = {where}: {len(self.dataset)} slices of "
-                      f"{len(self.dataset.case_ids)} cases, modalities {self.modalities}; code from "
-                      f"{Path(__file__).parents[1]}")
+                      f"{len(self.dataset.case_ids)} cases, modalities {self.modalities}; privacy "
+                      f"{self.privacy.describe()}; code from {Path(__file__).parents[1]}")
         self._ready = True
 
     def _load(self, own: dict[str, Any], fl_ctx: FLContext) -> tuple[Any, str]:
@@ -170,24 +193,31 @@ class SiteExecutor(Executor):
     def execute(self, task_name: str, shareable: Shareable, fl_ctx: FLContext, abort_signal: Signal) -> Shareable:
         if self._setup_error:
             return self._error(self._setup_error)
+        code = wire.ERROR_SETUP
         try:
             if not self._ready:
                 self._setup(fl_ctx)
+            code = wire.ERROR_INTERNAL
             if task_name == wire.TASK_HELLO:
                 data = {wire.MODALITIES: self.modalities, wire.NEXT_MASKS: self._next_masks(),
-                        wire.SLICES: len(self.dataset)}
-                return DXO(DataKind.APP_DEFINED, data).to_shareable()
+                        wire.SLICES: len(self.dataset), wire.PRIVACY: self.privacy.describe()}
+                result = DXO(DataKind.APP_DEFINED, data).to_shareable()
+                result.set_header(wire.PRIVACY_HEADER, self.privacy.mode)
+                return result
             if task_name == wire.TASK_STEP:
                 return self._step(shareable, fl_ctx, abort_signal)
             return make_reply(ReturnCode.TASK_UNKNOWN)
-        except Exception as err:  # the server logs the reason with the site's name
-            self.log_exception(fl_ctx, f"site {fl_ctx.get_identity_name()} failed {task_name}: {err}")
-            return self._error(f"{type(err).__name__}: {err}")
+        except Exception as err:  # the detail stays in this site's log; the server gets the code
+            code = error_code(err, code)
+            self.log_exception(fl_ctx, f"site {fl_ctx.get_identity_name()} failed {task_name} ({code}): "
+                               f"{type(err).__name__}: {err}")
+            return self._error(code)
 
     @staticmethod
-    def _error(reason: str) -> Shareable:
+    def _error(code: str) -> Shareable:
+        """An error reply carrying one of :data:`~modalitybank.fl.wire.ERROR_CODES`, nothing else."""
         reply = make_reply(ReturnCode.EXECUTION_EXCEPTION)
-        reply.set_header(wire.ERROR_HEADER, reason)
+        reply.set_header(wire.ERROR_HEADER, code if code in wire.ERROR_CODES else wire.ERROR_INTERNAL)
         return reply
 
     def _step(self, shareable: Shareable, fl_ctx: FLContext, abort_signal: Signal) -> Shareable:
@@ -201,9 +231,9 @@ class SiteExecutor(Executor):
             if sent.shape[0] != batch.mask.shape[0]:
                 raise ValueError(f"fakes for {m} have batch {sent.shape[0]}, the masks sent had {batch.mask.shape[0]}")
             grad, site_losses = site_step(self.model.discriminators[m], self.model.optimizers[m], batch.mask,
-                                          batch.reals[m], wire.from_wire(sent), self.loss)
+                                          batch.reals[m], wire.from_wire(sent), self.loss, self.returned)
             out[wire.grad_key(m)] = wire.to_wire(grad, str(sent.dtype))
-            losses |= {f"{m}/{k}": float(v) for k, v in site_losses.items()}
+            losses |= {f"{m}/{k}": float(v) for k, v in site_losses.items() if k in LOSSES_ALLOWED[self.privacy.mode]}
         self.before_reply(iteration, out, batch, abort_signal)
         out[wire.NEXT_MASKS] = self._next_masks()
         out[wire.LOSSES] = losses
@@ -212,6 +242,7 @@ class SiteExecutor(Executor):
                          for m in self.modalities}, self.checkpoint)
         result = DXO(DataKind.APP_DEFINED, out).to_shareable()
         result.set_header(wire.ITERATION, iteration)
+        result.set_header(wire.PRIVACY_HEADER, self.privacy.mode)
         return result
 
     def before_reply(self, iteration: int, out: dict[str, Any], batch: SiteBatch, abort_signal: Signal) -> None:

@@ -1,11 +1,15 @@
 """The privacy guard: on every site, what leaves is checked against what the protocol allows.
 
-NVFlare's own privacy filters act on model weights only and pass ``APP_DEFINED`` data through, so
-these are our own filters. :class:`TaskManifestRecorder` (a task-data filter) notes what the
-server sent; :class:`PrivacyGuard` (a task-result filter) passes a result only if it holds the
-declared keys, each gradient with exactly the shape and dtype of the fake the server sent, masks
-as uint8 mask codes of the batch's size, and only finite values. Everything else is blocked and
-logged. Both write the site's :class:`~modalitybank.fl.ledger.Ledger`.
+NVFlare's own privacy filters act on model weights only and pass ``APP_DEFINED`` data through (and
+its percentile / SVT filters are not differential privacy), so these are our own filters.
+:class:`TaskManifestRecorder` (a task-data filter) notes what the server sent; :class:`PrivacyGuard`
+(a task-result filter) passes a result only if it holds the declared keys, each gradient with
+exactly the shape and dtype of the fake the server sent, masks as uint8 mask codes of the batch's
+size, only finite values, and only what the site's privacy mode (:mod:`modalitybank.dp`, from the
+site's own settings) lets leave; in mode ``dp`` it clips and noises every example's gradient and
+keeps the (ε, δ) budget, refusing the step that would exceed it. Error replies leave with an error
+code only. Everything else is blocked and logged. Both filters write the site's
+:class:`~modalitybank.fl.ledger.Ledger`, every reply included.
 """
 
 from __future__ import annotations
@@ -23,10 +27,19 @@ from nvflare.apis.fl_context import FLContext
 from nvflare.apis.shareable import Shareable, make_reply
 
 from modalitybank import config
+from modalitybank.dp import MODES, PrivacyBudgetSpent, SiteSanitizer, resolve_privacy
 from modalitybank.fl import wire
 from modalitybank.fl.ledger import Ledger
+from modalitybank.fl.site_config import read_site_config
 
-__all__ = ["PrivacyGuard", "TaskManifestRecorder", "check_result", "ledger_for"]
+__all__ = ["LOSSES_ALLOWED", "PRIVACY_STATE_DIR", "PrivacyGuard", "TaskManifestRecorder", "check_result",
+           "error_reply", "ledger_for"]
+
+#: Which losses (``<modality>/<name>``) may leave in each privacy mode: none computed on real images in
+#: ``dp`` (they would not be accounted), no L1 loss (nor the total, which holds it) in ``adversarial``.
+LOSSES_ALLOWED = {"standard": ("d", "g_adv", "g_l1", "g"), "adversarial": ("d", "g_adv"), "dp": ()}
+#: Where a site keeps the steps it released in mode ``dp`` (under its workspace root, across jobs).
+PRIVACY_STATE_DIR = "modalitybank_privacy"
 
 Manifest = dict[str, tuple[tuple[int, ...], str]]
 _sent: dict[str, tuple[Manifest, int | None]] = {}  # task id -> what the server sent (arrays), iteration
@@ -46,8 +59,9 @@ def _check_masks(value: Any, shape: tuple[int, ...] | None) -> str | None:
     return f"{wire.NEXT_MASKS} holds values {sorted(bad)[:5]} that are not mask codes" if bad else None
 
 
-def check_result(task: str, sent: Manifest, result: dict[str, Any]) -> list[str]:
-    """Everything wrong with ``result`` as an answer to a task that carried ``sent``; empty if it may leave."""
+def check_result(task: str, sent: Manifest, result: dict[str, Any], mode: str = "standard") -> list[str]:
+    """Everything wrong with ``result`` as an answer to a task that carried ``sent``, from a site in privacy
+    ``mode``; empty if it may leave."""
     problems = []
     if task == wire.TASK_STEP:
         fakes = {wire.modality_of(k): v for k, v in sent.items() if k.startswith("fake/")}
@@ -63,10 +77,14 @@ def check_result(task: str, sent: Manifest, result: dict[str, Any]) -> list[str]
                 problems.append(f"{wire.grad_key(m)} has {int((~np.isfinite(grad)).sum())} non-finite values")
         mask_shape = (batch[0], batch[2], batch[3]) if batch else None
     elif task == wire.TASK_HELLO:
-        allowed = {wire.MODALITIES, wire.NEXT_MASKS, wire.SLICES}
+        allowed = {wire.MODALITIES, wire.NEXT_MASKS, wire.SLICES, wire.PRIVACY}
         mods = result.get(wire.MODALITIES)
         if not isinstance(mods, list) or not all(m in config.MODALITIES for m in mods):
             problems.append(f"{wire.MODALITIES} must list modality names")
+        privacy = result.get(wire.PRIVACY, {"mode": mode})
+        if not isinstance(privacy, dict) or privacy.get("mode") != mode or not all(
+                isinstance(v, str | float | int) for v in privacy.values()):
+            problems.append(f"{wire.PRIVACY} must describe the site's mode {mode!r}")
         if not isinstance(result.get(wire.SLICES), int):
             problems.append(f"{wire.SLICES} must be an int")
         mask_shape = None
@@ -83,7 +101,21 @@ def check_result(task: str, sent: Manifest, result: dict[str, Any]) -> list[str]
     if not isinstance(losses, dict) or not all(
             isinstance(k, str) and isinstance(v, float) and math.isfinite(v) for k, v in losses.items()):
         problems.append(f"{wire.LOSSES} must map names to finite floats")
+    elif mode not in LOSSES_ALLOWED:
+        problems.append(f"unknown privacy mode {mode!r}")
+    else:
+        banned = sorted(k for k in losses if k.rsplit("/", 1)[-1] not in LOSSES_ALLOWED[mode])
+        if banned:
+            problems.append(f"losses {banned[:4]} may not leave a site in privacy mode {mode}")
     return problems
+
+
+def error_reply(return_code: str, code: str | None) -> Shareable:
+    """A fresh error reply with only an error code (anything not in :data:`~modalitybank.fl.wire.ERROR_CODES`
+    becomes ``internal``): no exception text or path leaves the site."""
+    reply = make_reply(return_code)
+    reply.set_header(wire.ERROR_HEADER, code if code in wire.ERROR_CODES else wire.ERROR_INTERNAL)
+    return reply
 
 
 _ledgers: dict[Path, Ledger] = {}
@@ -119,7 +151,20 @@ class TaskManifestRecorder(Filter):
 
 
 class PrivacyGuard(Filter):
-    """Task-result filter: passes only what :func:`check_result` allows; blocks and logs the rest."""
+    """Task-result filter: passes only what :func:`check_result` allows for the site's privacy mode, applies
+    the ``dp`` sanitiser, and reduces error replies to their code; blocks and logs the rest.
+
+    The mode is the site's own (``"privacy"`` in its ``local/modalitybank_site.json``, see
+    :mod:`modalitybank.fl.site_config`); without one, the mode the executor declares (the job's fallback,
+    ``standard`` or ``adversarial``). A result the executor computed for another mode than the site's is
+    blocked. In ``dp`` every example's gradient is clipped and noised here, whatever the executor did.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._sanitizers: dict[tuple[str, int, int], SiteSanitizer] = {}
+        self._own_settings: dict[str, tuple[Any, str | None]] = {}
+        self._lock = threading.Lock()
 
     def process(self, shareable: Shareable, fl_ctx: FLContext) -> Shareable:
         task, task_id, _ = _task_info(fl_ctx, shareable)
@@ -128,15 +173,30 @@ class PrivacyGuard(Filter):
         site = fl_ctx.get_identity_name()
         ledger = ledger_for(fl_ctx)
         if shareable.get_return_code() != ReturnCode.OK:
+            rc = shareable.get_return_code()
+            reply = error_reply(rc, shareable.get_header(wire.ERROR_HEADER) or shareable.get_header(wire.BLOCKED_HEADER))
             ledger.record(site, "sent", task, {}, iteration, status="error",
-                          note=str(shareable.get_return_code()))
-            return shareable
+                          note=f"{rc}: {reply.get_header(wire.ERROR_HEADER)}")
+            return reply
+        problems: list[str] = []
         try:
             data = from_shareable(shareable).data or {}
         except Exception:  # not a DXO: nothing of ours may leave that way
             data, problems = {}, ["result is not a DXO"]
-        else:
-            problems = check_result(task, sent, data)
+        declared = shareable.get_header(wire.PRIVACY_HEADER) or "standard"
+        mode, own = declared, None
+        try:
+            own, own_mode = self._own(site, fl_ctx)
+            mode = own_mode or declared
+        except ValueError as err:
+            problems.append(f"the site's privacy settings are invalid: {err}")
+        if not problems:
+            if declared != mode:
+                problems.append(f"the result was computed for privacy mode {declared!r}, the site's setting is {mode!r}")
+            elif mode == "dp" and not own:
+                problems.append("privacy mode dp needs the site's own settings (its budget)")
+            else:
+                problems = check_result(task, sent, data, mode)
         if problems:
             note = "; ".join(problems)
             ledger.record(site, "sent", task, data, iteration, status="blocked", note=note)
@@ -144,5 +204,55 @@ class PrivacyGuard(Filter):
             reply = make_reply(ReturnCode.TASK_RESULT_FILTER_ERROR)
             reply.set_header(wire.BLOCKED_HEADER, note)
             return reply
-        ledger.record(site, "sent", task, data, iteration)
+        extra: dict[str, Any] = {"privacy_mode": mode}
+        if mode == "dp":
+            grads = {k: v for k, v in data.items() if k.startswith("grad/")}
+            batch = next(iter(grads.values())).shape[0] if grads else len(data[wire.NEXT_MASKS])
+            sanitizer = self._sanitizer(site, own, batch, len(grads) or len(data.get(wire.MODALITIES, [])), fl_ctx)
+            try:
+                if task == wire.TASK_STEP:
+                    data |= sanitizer.sanitize(grads)
+                else:
+                    sanitizer.check_budget()
+            except PrivacyBudgetSpent as err:
+                self.log_error(fl_ctx, f"site {site} stops contributing: {err}")
+                reply = error_reply(ReturnCode.EXECUTION_EXCEPTION, wire.ERROR_BUDGET_SPENT)
+                ledger.record(site, "sent", task, {}, iteration, status="error",
+                              note=f"{ReturnCode.EXECUTION_EXCEPTION}: {wire.ERROR_BUDGET_SPENT}", extra=extra)
+                return reply
+            extra |= {"epsilon_spent": round(sanitizer.epsilon(), 6), "dp_steps": sanitizer.steps}
+            if task == wire.TASK_HELLO:
+                data[wire.PRIVACY] = sanitizer.settings.describe() | {"epsilon_spent": extra["epsilon_spent"]}
+            dxo = from_shareable(shareable)
+            dxo.data = data
+            dxo.update_shareable(shareable)
+        ledger.record(site, "sent", task, data, iteration, extra=extra)
         return shareable
+
+    def _own(self, site: str, fl_ctx: FLContext) -> tuple[Any, str | None]:
+        """The site's own privacy settings and mode (``None``: it has none), read and checked once per site."""
+        with self._lock:
+            if site not in self._own_settings:
+                own = read_site_config(site, _workspace(fl_ctx) / "local").get("privacy")
+                self._own_settings[site] = (own, resolve_privacy(own).mode if own else None)
+            return self._own_settings[site]
+
+    def _sanitizer(self, site: str, own: dict[str, Any], batch: int, modalities: int,
+                   fl_ctx: FLContext) -> SiteSanitizer:
+        with self._lock:
+            key = (site, batch, modalities)
+            if key not in self._sanitizers:
+                settings = resolve_privacy(own, batch_size=batch, modalities=modalities)
+                path = _workspace(fl_ctx) / PRIVACY_STATE_DIR / f"{site}.json"
+                self._sanitizers[key] = SiteSanitizer(settings, path)
+                self.log_info(fl_ctx, f"site {site}: privacy mode dp, {settings.describe()}; accounted noise "
+                              f"multiplier {settings.accounted_noise_multiplier:.3f} per step (sampling rate 1); "
+                              f"ε spent so far {self._sanitizers[key].epsilon():.3f}")
+            return self._sanitizers[key]
+
+
+def _workspace(fl_ctx: FLContext) -> Path:
+    return Path(fl_ctx.get_engine().get_workspace().get_root_dir())
+
+
+assert set(LOSSES_ALLOWED) == set(MODES)

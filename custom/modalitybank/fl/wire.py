@@ -17,9 +17,10 @@ import numpy as np
 import torch
 
 __all__ = [
-    "BLOCKED_HEADER", "BRAIN_BIT", "ERROR_HEADER", "ITERATION", "LEDGER_FILE", "LOSSES", "MASK_CODES", "MODALITIES",
-    "NEXT_MASKS", "SLICES", "TASKS", "TASK_HELLO", "TASK_STEP", "decode_masks", "describe", "encode_masks", "fake_key",
-    "from_wire", "grad_key", "modality_of", "to_wire",
+    "BLOCKED_HEADER", "BRAIN_BIT", "ERROR_BUDGET_SPENT", "ERROR_CODES", "ERROR_DATA", "ERROR_HEADER", "ERROR_INTERNAL",
+    "ERROR_SETUP", "ITERATION", "LEDGER_FILE", "LOSSES", "MASK_CODES", "MODALITIES", "NEXT_MASKS", "PRIVACY",
+    "PRIVACY_HEADER", "SLICES", "TASKS", "TASK_HELLO", "TASK_STEP", "decode_masks", "describe", "encode_masks",
+    "fake_key", "from_wire", "grad_key", "modality_of", "to_wire",
 ]
 
 # -- tasks ----------------------------------------------------------------------------------
@@ -33,12 +34,27 @@ NEXT_MASKS = "next_masks"
 LOSSES = "losses"
 MODALITIES = "modalities"
 SLICES = "slices"
+#: Hello key: the site's privacy mode as it applies it (``mode``, ``source``; for ``dp`` ε, δ, clip, noise).
+PRIVACY = "privacy"
 #: Header of every task and result: the iteration it belongs to.
 ITERATION = "iteration"
 #: Result header set by a site's privacy guard when it blocked a result (the reason).
 BLOCKED_HEADER = "modalitybank_blocked"
-#: Result header set by a site that failed a task (the reason).
+#: Result header set by a site that failed a task: one of :data:`ERROR_CODES`, chosen by the site. The
+#: detail (exception text, file paths) stays in the site's own log; only the code leaves.
 ERROR_HEADER = "modalitybank_error"
+#: The site's data could not be read (missing or corrupt files, no slices).
+ERROR_DATA = "data_error"
+#: The site could not set itself up (settings, discriminators, anything but its data).
+ERROR_SETUP = "setup_failed"
+#: The site failed a task for another reason.
+ERROR_INTERNAL = "internal"
+#: A ``dp`` site whose next release would exceed its (ε, δ) budget; it contributes no more.
+ERROR_BUDGET_SPENT = "privacy_budget_spent"
+#: Every error code a reply may carry; a site's guard replaces anything else by :data:`ERROR_INTERNAL`.
+ERROR_CODES = frozenset({ERROR_DATA, ERROR_SETUP, ERROR_INTERNAL, ERROR_BUDGET_SPENT})
+#: Result header set by the executor: the privacy mode it computed the result for (the guard checks it).
+PRIVACY_HEADER = "modalitybank_privacy_mode"
 
 #: The ledger every participant keeps in its run directory (one JSON line per key sent or received).
 LEDGER_FILE = "modalitybank_ledger.jsonl"
