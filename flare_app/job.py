@@ -69,8 +69,8 @@ CLIENT_PARAMS = {"default_task_fetch_interval": 0.02}
 DISCRIMINATOR_BUNDLE = "site_discriminator"
 #: Package markers carried with the code (``bundle/__init__`` is left out: it imports every bundle's helpers).
 PACKAGE_INITS = ("__init__.py", "fl/__init__.py", "data/__init__.py")
-#: Rounds and local steps of the FedAvg job.
-FEDAVG = {"num_rounds": 5, "local_steps": 10}
+#: Rounds, local steps and the sites a FedAvg round waits for (it aggregates once that many answered).
+FEDAVG = {"num_rounds": 5, "local_steps": 10, "min_clients": 3}
 
 
 def _params(cls: type) -> set[str]:
@@ -115,12 +115,13 @@ def gan_job(name: str, experiment: str, baseline: str = "", site_executor: type[
 
 
 def fedavg_job(name: str, experiment: str, with_code: bool = False, num_rounds: int = FEDAVG["num_rounds"],
-               local_steps: int = FEDAVG["local_steps"], **args: Any) -> FedJob:
+               local_steps: int = FEDAVG["local_steps"], min_clients: int = FEDAVG["min_clients"],
+               **args: Any) -> FedJob:
     """FedML-All: NVFlare's FedAvg (``ScatterAndGather``) of the segmentation network on the sites' real slices."""
     bad = _unknown(args, FedAvgSegmentationExecutor)
     if bad:
         raise ValueError(f"job {name}: unknown arguments {bad}")
-    job = FedJob(name=name, min_clients=1)
+    job = FedJob(name=name, min_clients=min_clients)
     persistor = job.to_server(PTFileModelPersistor(model=FedSegmentationNet(experiment=experiment)), id="persistor")
     aggregator = job.to_server(InTimeAccumulateWeightedAggregator(expected_data_kind="WEIGHTS"), id="aggregator")
     generator = job.to_server(FullModelShareableGenerator(), id="shareable_generator")
@@ -128,7 +129,7 @@ def fedavg_job(name: str, experiment: str, with_code: bool = False, num_rounds: 
     job.to_server(IntimeModelSelector(key_metric="val_dice"), id="model_selector")
     job.to_server(ValidationJsonGenerator(), id="json_generator")
     job.to_server(RoundDiceLogger(), id="round_dice")
-    job.to_server(ScatterAndGather(min_clients=1, num_rounds=num_rounds, aggregator_id=aggregator,
+    job.to_server(ScatterAndGather(min_clients=min_clients, num_rounds=num_rounds, aggregator_id=aggregator,
                                    persistor_id=persistor, shareable_generator_id=generator,
                                    wait_time_after_min_received=0, train_timeout=0, task_check_period=0.05),
                   id="fedavg")

@@ -71,7 +71,7 @@ def test_poc_job_in_which_no_site_joins_fails_with_the_reasons(pretrained, tmp_p
     with pytest.raises(RuntimeError, match="FINISHED:EXECUTION_EXCEPTION") as failed:
         run_poc(tmp_path, "modalitybank_multimodal", rounds=2, progress=False, data_root=str(missing),
                 pretrained=str(pretrained))
-    assert "run failed: 0 of 3 sites joined" in str(failed.value)
+    assert "0 of 3 sites joined" in str(failed.value)  # the reason, from the run.json of the downloaded job
     # the server names each site and its error code; the detail (the path) stays in the site's own log
     assert "hospital-a: EXECUTION_EXCEPTION: data_error" in str(failed.value)
 

@@ -289,14 +289,20 @@ def submit_job(job_dir: Path, admin_kit: Path, env: dict[str, str], workdir: Pat
     line = next((ln for ln in reversed(text.splitlines()) if ln.startswith("{")), "{}")
     data = (json.loads(line).get("data") or {}) if line else {}
     status = data.get("status") or data.get("job_meta", {}).get("status")
+    out_dir = workdir / "result"
+
+    def download(check: bool = True) -> Path:
+        result = nvflare(["job", "download", job_id, "-o", out_dir, "--force", "--startup-kit", admin_kit], env,
+                         workdir, timeout=300, check=check)
+        return Path((result.get("data") or {}).get("download_path") or out_dir / job_id)
+
     if waiter.returncode != 0 or status != "FINISHED:COMPLETED":
-        raise RuntimeError(f"job {job_id} ended {status or 'without a status'} (exit {waiter.returncode}): "
+        run = read_run(download(check=False) / "workspace" / "checkpoint")  # the run says why it failed
+        reason = f"{run['reason']}\n" if run and run.get("reason") else ""
+        raise RuntimeError(f"job {job_id} ended {status or 'without a status'} (exit {waiter.returncode}): {reason}"
                            f"{text[-1500:]}\nserver log of the job: {server_log}\n{log_tail(server_log, 2500)}")
     say(progress, f"job {job_id} {status}")
-    out_dir = workdir / "result"
-    result = nvflare(["job", "download", job_id, "-o", out_dir, "--force", "--startup-kit", admin_kit], env, workdir,
-                     timeout=300)
-    return job_id, Path(result["data"].get("download_path") or out_dir / job_id)
+    return job_id, download()
 
 
 def _collect(job_id: str, download: Path, kits: Path, job_dir: Path) -> dict[str, Any]:
