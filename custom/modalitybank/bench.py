@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -82,6 +82,28 @@ def bench_layers(scale: str = "small", steps: int = 5, rounds: int = 7, seed: in
     }
 
 
+def reference_iteration(pretrained: Any, targets: Sequence[str], site_modalities: Mapping[str, Sequence[str]],
+                        datasets: Mapping[str, Any], scale: str, iterations: int, warmup: int) -> float:
+    """Median seconds of one single-process iteration (:func:`~modalitybank.gan.gan_step`): every site's
+    discriminators beside the generator, the bank entries ``targets`` learned, batches from ``datasets``."""
+    from modalitybank.gan import GanLoss, gan_step
+    from modalitybank.store import load_generator
+    from modalitybank.training import BatchStream, TrainSettings, make_site_models
+
+    settings = TrainSettings.from_preset(scale, "bank")
+    generator = load_generator(pretrained)
+    optimizer = settings.adam(generator.bank.learn(list(targets)))
+    sites = make_site_models(site_modalities, config.preset(scale)["model"], settings)
+    streams = {s: BatchStream(datasets[s], settings.batch_size, i) for i, s in enumerate(site_modalities)}
+    times = []
+    for _ in range(iterations):
+        batches = {s: next(streams[s]) for s in sites}
+        start = time.perf_counter()
+        gan_step(generator, optimizer, sites, batches, GanLoss(lambda_l1=settings.lambda_l1))
+        times.append(time.perf_counter() - start)
+    return statistics.median(times[warmup:])
+
+
 def bench_fl(scale: str = "small", iterations: int = 30, warmup: int = 5, workdir: str | None = None,
              wire_dtype: str = "float32", experiment: str = "multimodal", progress: bool = True) -> dict[str, Any]:
     """The federated iteration (NVFlare simulator, 3 sites) against the single-process reference
@@ -99,9 +121,7 @@ def bench_fl(scale: str = "small", iterations: int = 30, warmup: int = 5, workdi
     from modalitybank.data.brats import site_datasets
     from modalitybank.data.default import CACHE_ROOT, default_phantom, default_pretrained
     from modalitybank.fl.jobs import simulate
-    from modalitybank.gan import GanLoss, gan_step
-    from modalitybank.store import load_generator
-    from modalitybank.training import BatchStream, TrainSettings, make_site_models
+    from modalitybank.training import TrainSettings
 
     job = {"multimodal": "modalitybank_multimodal", "missing_modality": "modalitybank_missing_modality"}[experiment]
     p, exp = config.preset(scale), config.experiment(experiment)
@@ -109,20 +129,9 @@ def bench_fl(scale: str = "small", iterations: int = 30, warmup: int = 5, workdi
     cache = CACHE_ROOT / "slices"
     pretrained = default_pretrained(scale, data_root=data, cache_dir=cache)
 
-    # single process: every site's discriminators beside the generator
     settings = TrainSettings.from_preset(scale, "bank", iterations=iterations)
-    generator = load_generator(pretrained)
-    optimizer = settings.adam(generator.bank.learn(exp["targets"]))
-    sites = make_site_models(exp["sites"], p["model"], settings)
-    datasets = site_datasets(data, experiment, scale, cache_dir=cache)
-    streams = {s: BatchStream(datasets[s], settings.batch_size, i) for i, s in enumerate(exp["sites"])}
-    times = []
-    for _ in range(iterations):
-        batches = {s: next(streams[s]) for s in sites}
-        start = time.perf_counter()
-        gan_step(generator, optimizer, sites, batches, GanLoss(lambda_l1=settings.lambda_l1))
-        times.append(time.perf_counter() - start)
-    reference = statistics.median(times[warmup:])
+    reference = reference_iteration(pretrained, exp["targets"], exp["sites"],
+                                    site_datasets(data, experiment, scale, cache_dir=cache), scale, iterations, warmup)
 
     # federated: the same in the NVFlare simulator
     workdir = workdir or tempfile.mkdtemp(prefix="modalitybank-bench-fl-")

@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import statistics
 import tempfile
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -29,32 +28,6 @@ def _slope(xs: Sequence[int], ys: Sequence[float]) -> float:
     return float(np.polyfit(np.asarray(xs, float), np.asarray(ys, float), 1)[0])
 
 
-def _reference(folders: dict[str, Path], scale: str, iterations: int, warmup: int, pretrained: Path,
-               cache: Path) -> float:
-    """Median seconds of :func:`~modalitybank.gan.gan_step` with every site's discriminators in this process."""
-    from modalitybank.data.brats import SiteDataset
-    from modalitybank.gan import GanLoss, gan_step
-    from modalitybank.store import load_generator
-    from modalitybank.training import BatchStream, TrainSettings, make_site_models
-
-    targets = config.experiment("multimodal")["targets"]
-    p = config.preset(scale)
-    slices = {k: p["slices"][k] for k in ("image_size", "min_tumour_fraction", "max_slices_per_case")}
-    settings = TrainSettings.from_preset(scale, "bank")
-    generator = load_generator(pretrained)
-    optimizer = settings.adam(generator.bank.learn(targets))
-    sites = make_site_models({s: targets for s in folders}, p["model"], settings)
-    streams = {s: BatchStream(SiteDataset(f, None, targets, split="all", cache_dir=cache, **slices), settings.batch_size, i)
-               for i, (s, f) in enumerate(folders.items())}
-    times = []
-    for _ in range(iterations):
-        batches = {s: next(streams[s]) for s in sites}
-        start = time.perf_counter()
-        gan_step(generator, optimizer, sites, batches, GanLoss(lambda_l1=settings.lambda_l1))
-        times.append(time.perf_counter() - start)
-    return statistics.median(times[warmup:])
-
-
 def bench_fl_sites(site_counts: Sequence[int] = (3, 6, 12), scale: str = "tiny", iterations: int = 20,
                    workdir: str | Path | None = None, figure: str | Path | None = None,
                    progress: bool = True) -> dict[str, Any]:
@@ -63,6 +36,8 @@ def bench_fl_sites(site_counts: Sequence[int] = (3, 6, 12), scale: str = "tiny",
     Returns ``{"sites": {"<n>": federated s/it}, "reference": {"<n>": s/it}, "per_site_overhead": float,
     "per_site_compute": s, "figure": png path, ...}``.
     """
+    from modalitybank.bench import reference_iteration
+    from modalitybank.data.brats import SiteDataset
     from modalitybank.data.default import CACHE_ROOT, default_phantom, default_pretrained
     from modalitybank.data.sites import split_sites
     from modalitybank.figures import scaling_curve
@@ -76,7 +51,11 @@ def bench_fl_sites(site_counts: Sequence[int] = (3, 6, 12), scale: str = "tiny",
     for n in site_counts:
         names = [f"site-{i + 1}" for i in range(n)]
         folders = split_sites(data, work / f"sites-{n}", names, split="train", grades=("HGG",), reuse=True)
-        reference[str(n)] = round(_reference(folders, scale, iterations, warmup, pretrained, cache), 4)
+        targets = config.experiment("multimodal")["targets"]
+        slices = {k: config.preset(scale)["slices"][k] for k in ("image_size", "min_tumour_fraction", "max_slices_per_case")}
+        datasets = {s: SiteDataset(f, None, targets, split="all", cache_dir=cache, **slices) for s, f in folders.items()}
+        reference[str(n)] = round(reference_iteration(pretrained, targets, {s: targets for s in folders}, datasets,
+                                                      scale, iterations, warmup), 4)
         result = simulate("modalitybank_multimodal", work / f"run-{n}", scale=scale, rounds=iterations, clients=names,
                           progress=False, pretrained=str(pretrained), cache_dir=str(cache),
                           site_config=work / f"sites-{n}" / "modalitybank_site.json")
