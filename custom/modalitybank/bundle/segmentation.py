@@ -26,7 +26,8 @@ def _rel(path: Path, base: Path | None) -> str:
 
 
 def brats_datalist(root: str | Path, modalities: Sequence[str], out_json: str | Path | None = None,
-                   sections: Mapping[str, str] | None = None, grades: Sequence[str] = ("HGG",)) -> dict[str, Any]:
+                   sections: Mapping[str, str] | None = None, grades: Sequence[str] = ("HGG",),
+                   centres: Sequence[str] | None = None, present: Sequence[str] | None = None) -> dict[str, Any]:
     """A MONAI datalist of real (or phantom) cases in the BraTS layout.
 
     Args:
@@ -34,7 +35,15 @@ def brats_datalist(root: str | Path, modalities: Sequence[str], out_json: str | 
         modalities: image channels, in order (e.g. ``["t1c", "t2", "flair"]``).
         out_json: where to write it (optional). Paths are relative to its folder when the data lie
             under it, absolute otherwise.
-        sections: datalist section → split; default ``{"training": "train", "validation": "test"}``.
+        sections: datalist section → split; default ``{"training": "train", "validation": "test"}``
+            (split ``"all"``: every case).
+        centres: keep only the cases of these data centres (default: all).
+        present: the modalities the data holds (default: all of ``modalities``). A channel of
+            ``modalities`` not in ``present`` is *missing*: its slot points at the file of the first
+            present channel and the entry lists it under ``"missing"`` (channel indices), so that
+            :class:`~modalitybank.bundle.seg_transforms.FillMissingModalitiesd` blanks it after
+            normalisation — a hospital without that modality, as the benchmark's Real-X(n/a) rows
+            and the FedAvg sites feed the network.
 
     Returns ``{"training": [{"image": [..], "label": seg, "case": id, "centre": ..}], "validation": [..],
     "modalities": [..], "labels": {..}}`` — the layout ``modalitybank synthesize`` writes too.
@@ -47,16 +56,27 @@ def brats_datalist(root: str | Path, modalities: Sequence[str], out_json: str | 
     records = scan_cases(root, grades)
     datalist: dict[str, Any] = {"description": f"BraTS-layout cases of {root.name}", "modalities": modalities,
                                 "labels": dict(_SEG_LABELS)}
+    held = list(modalities) if present is None else [m for m in modalities if m in present]
+    if not held:
+        raise ValueError(f"present={list(present or [])}: none of the modalities {modalities}")
+    blank = [i for i, m in enumerate(modalities) if m not in held]
+    if blank:
+        datalist["missing_modalities"] = [modalities[i] for i in blank]
     for section, split in (sections or {"training": "train", "validation": "test"}).items():
         entries = []
         for record in split_cases(records, root, split):
-            missing = [m for m in modalities if m not in record.files]
-            if missing:
-                raise BratsDataError(f"case {record.case_id}: missing file {record.expected_file(missing[0])} "
-                                     f"(modality {missing[0]})")
-            entries.append({"image": [_rel(record.files[m], base) for m in modalities],
-                            "label": _rel(record.files["seg"], base), "case": record.case_id,
-                            "centre": record.centre})
+            if centres is not None and record.centre not in centres:
+                continue
+            absent = [m for m in held if m not in record.files]
+            if absent:
+                raise BratsDataError(f"case {record.case_id}: missing file {record.expected_file(absent[0])} "
+                                     f"(modality {absent[0]})")
+            files = [record.files[m if m in held else held[0]] for m in modalities]
+            entry = {"image": [_rel(f, base) for f in files], "label": _rel(record.files["seg"], base),
+                     "case": record.case_id, "centre": record.centre}
+            if blank:
+                entry["missing"] = blank
+            entries.append(entry)
         datalist[section] = entries
     if out_json is not None:
         Path(out_json).parent.mkdir(parents=True, exist_ok=True)
@@ -87,8 +107,12 @@ def _read_datalist(source: Path, modalities: Sequence[str]) -> tuple[dict[str, A
     return datalist, True
 
 
-def datalist_file(dataset_dir: str | Path, modalities: Sequence[str], work_dir: str | Path) -> str:
+def datalist_file(dataset_dir: str | Path, modalities: Sequence[str], work_dir: str | Path,
+                  val_split: str = "test") -> str:
     """The datalist JSON for ``dataset_dir``, with the image channels in the order of ``modalities``.
+
+    ``val_split`` is the split of a BraTS-layout folder that becomes the ``validation`` section:
+    ``"test"`` (its held-out cases) or ``"all"`` (every case: a folder that *is* the test set).
 
     * a ``.json`` file, or a folder holding ``datalist.json`` (what ``modalitybank synthesize``
       writes): used as it is when its ``modalities`` are ``modalities``; otherwise a copy with the
@@ -98,7 +122,7 @@ def datalist_file(dataset_dir: str | Path, modalities: Sequence[str], work_dir: 
     dataset_dir, work_dir = Path(dataset_dir), Path(work_dir)
     modalities = list(modalities)
     source = dataset_dir if dataset_dir.suffix == ".json" else dataset_dir / "datalist.json"
-    key = hashlib.sha256(f"{dataset_dir.resolve()}|{modalities}".encode()).hexdigest()[:10]
+    key = hashlib.sha256(f"{dataset_dir.resolve()}|{modalities}|{val_split}".encode()).hexdigest()[:10]
     out = work_dir / f"datalist_{dataset_dir.stem}_{key}.json"
     if source.is_file():
         datalist, changed = _read_datalist(source, modalities)
@@ -109,7 +133,7 @@ def datalist_file(dataset_dir: str | Path, modalities: Sequence[str], work_dir: 
         return str(out)
     if not dataset_dir.is_dir():
         raise FileNotFoundError(f"{dataset_dir}: no such data folder or datalist")
-    brats_datalist(dataset_dir, modalities, out)
+    brats_datalist(dataset_dir, modalities, out, sections={"training": "train", "validation": val_split})
     return str(out)
 
 
