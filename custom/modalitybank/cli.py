@@ -64,15 +64,10 @@ def cmd_train_local(a: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_synthesize(a: argparse.Namespace) -> dict[str, Any]:
-    from modalitybank.store import load_generator, read_info
-    from modalitybank.synthesis import synthesize_cases
+    from modalitybank.synthesis import synthesize_run
 
-    info = read_info(a.generator)
-    modalities = a.modalities or info["modalities"]
-    generator = load_generator(a.generator, modalities if info["architecture"]["modulated"] else None)
-    real = config.experiment(a.experiment)["sites"] if a.experiment else None
-    return synthesize_cases(generator, a.data, a.out, modalities, info["image_size"], split=a.split,
-                            keep_real=a.keep_real, real_modalities=real, progress=not a.quiet)
+    return synthesize_run(a.generator, a.data, a.out, a.modalities, a.experiment, split=a.split,
+                          keep_real=a.keep_real, progress=not a.quiet)
 
 
 def cmd_params(a: argparse.Namespace) -> dict[str, Any]:
@@ -362,6 +357,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true")
     p.add_argument("--json", action="store_true")
     p.set_defaults(fn=cmd_demo)
+
+    p = sub.add_parser("benchmark", help="the paper's Tables I-III: bank (and AsynDGAN) on NVFlare, synthesis, one "
+                       "segmentation network per row through the tumor_segmentation bundle (FedAvg-All inside "
+                       "NVFlare), all evaluated on the same held-out real test cases")
+    p.add_argument("--table", type=int, required=True, choices=(1, 2, 3))
+    p.add_argument("--scale", default="small", choices=config.scales(), help="size preset (default: %(default)s)")
+    p.add_argument("--data", type=Path, default=None, help="BraTS-layout folder (default: the phantom, made in the "
+                   "workdir)")
+    p.add_argument("--test-data", type=Path, default=None, help="BraTS-layout folder whose cases all form the test "
+                   "set (default: the held-out test split of --data)")
+    p.add_argument("--seeds", type=int, default=1, help="repeat GAN and segmentation training with N seeds")
+    p.add_argument("--rows", nargs="+", default=None, metavar="NAME", help="only these rows of the table")
+    p.add_argument("--gan-iterations", type=int, default=None, help="override the preset's pre-training and bank "
+                   "iterations (a quick look; use a fresh workdir)")
+    p.add_argument("--workdir", type=Path, default=None, help="stages are computed once here and reused; an "
+                   "interrupted run resumes (default: runs/benchmark-<scale>)")
+    p.add_argument("--quiet", action="store_true", help="no per-stage progress lines")
+    p.add_argument("--json", action="store_true", help="print one JSON object as the last line")
+    p.set_defaults(fn=cmd_benchmark)
     return parser
 
 
@@ -374,6 +388,20 @@ def cmd_privacy_audit(a: argparse.Namespace) -> dict[str, Any]:
     print(format_table(result))
     print(f"figure: {result['figure']}; {result['iterations']} iterations per mode, {result['seconds']} s")
     return result if a.json else {"audit": str(Path(a.out) / "audit.json")}
+
+
+def cmd_benchmark(a: argparse.Namespace) -> dict[str, Any]:
+    from modalitybank.benchmark import run_benchmark
+
+    workdir = a.workdir or Path("runs") / f"benchmark-{a.scale}"
+    result = run_benchmark(a.table, a.scale, workdir, data=a.data, test_data=a.test_data, seeds=a.seeds,
+                           rows=a.rows, progress=not a.quiet, gan_iterations=a.gan_iterations)
+    print(Path(workdir, f"table{a.table}.md").read_text(), file=sys.stderr if a.json else sys.stdout)
+    if a.json:
+        return {"table": result["table"], "seconds": result["seconds"],
+                "rows": {name: {k: row[k] for k in ("dice", "dice_std", "sens", "spec", "hd95")}
+                         for name, row in result["rows"].items()}}
+    return {"files": str(Path(workdir, f"table{a.table}.json")), "seconds": result["seconds"]}
 
 
 def main(argv: list[str] | None = None) -> int:

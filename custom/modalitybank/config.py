@@ -33,6 +33,11 @@ def _load(name: str) -> dict[str, Any]:
     return {k: v for k, v in json.loads(text).items() if not k.startswith("_")}
 
 
+def config_file(name: str) -> dict[str, Any]:
+    """``configs/<name>`` (keys starting with ``_`` are documentation and left out)."""
+    return json.loads(json.dumps(_load(name)))
+
+
 def preset(scale: str) -> dict[str, Any]:
     """The size preset ``scale`` (``tiny``, ``small`` or ``paper``) from ``configs/presets.json``."""
     presets = _load("presets.json")

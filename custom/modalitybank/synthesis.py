@@ -31,7 +31,7 @@ from modalitybank.data.brats import (
 )
 from modalitybank.networks import ResnetGenerator, mask_channels
 
-__all__ = ["evaluate_generator", "synthesize_cases", "synthesize_volume"]
+__all__ = ["evaluate_generator", "synthesize_cases", "synthesize_run", "synthesize_volume"]
 
 #: Synthetic intensities are written as int16 in [0, INTENSITY_SCALE] (BraTS stores int16 too).
 INTENSITY_SCALE = 1000
@@ -70,7 +70,7 @@ def synthesize_volume(generator: ResnetGenerator, seg: np.ndarray, brain: np.nda
 def synthesize_cases(generator: ResnetGenerator, data_root: str | Path, out_dir: str | Path,
                      modalities: Sequence[str], image_size: int, split: str = "test", grades: Sequence[str] = ("HGG",),
                      keep_real: bool = False, real_modalities: dict[str, Sequence[str]] | None = None,
-                     progress: bool = True) -> dict[str, Any]:
+                     progress: bool = True, centres: Sequence[str] | None = None) -> dict[str, Any]:
     """Write complete cases for the masks of ``data_root`` into ``out_dir`` (BraTS layout + datalist).
 
     Args:
@@ -86,9 +86,12 @@ def synthesize_cases(generator: ResnetGenerator, data_root: str | Path, out_dir:
             ones (modality completion). Without it every modality is synthetic.
         real_modalities: ``{centre: modalities it holds}`` (an experiment's sites); default: the
             files present on disk.
+        centres: only the cases of these data centres (default: all).
     """
     out_dir = Path(out_dir)
     records = split_cases(scan_cases(data_root, grades), Path(data_root), split)
+    if centres is not None:
+        records = [r for r in records if r.centre in centres]
     entries = []
     for record in tqdm(records, desc="synthesize", unit="case", disable=not progress):
         present = [m for m in config.MODALITIES if m in record.files]
@@ -120,6 +123,25 @@ def synthesize_cases(generator: ResnetGenerator, data_root: str | Path, out_dir:
     (out_dir / "datalist.json").write_text(json.dumps(datalist, indent=2))
     return {"cases": len(entries), "out_dir": str(out_dir), "datalist": str(out_dir / "datalist.json"),
             "synthetic": sum(len(e["synthetic"]) for e in entries)}
+
+
+def synthesize_run(run_dir: str | Path, data_root: str | Path, out_dir: str | Path,
+                   modalities: Sequence[str] | None = None, experiment: str | None = None,
+                   **kwargs: Any) -> dict[str, Any]:
+    """:func:`synthesize_cases` with the generator saved in ``run_dir`` (a bank or an AsynDGAN run).
+
+    ``modalities`` default to every modality the generator holds; ``experiment`` (with
+    ``keep_real``) names which modalities each centre really holds; ``kwargs`` go to
+    :func:`synthesize_cases`.
+    """
+    from modalitybank.store import load_generator, read_info
+
+    info = read_info(run_dir)
+    modalities = list(modalities or info["modalities"])
+    generator = load_generator(run_dir, modalities if info["architecture"]["modulated"] else None)
+    real = config.experiment(experiment)["sites"] if experiment else None
+    return synthesize_cases(generator, data_root, out_dir, modalities, info["image_size"], real_modalities=real,
+                            **kwargs)
 
 
 @torch.no_grad()

@@ -1,0 +1,81 @@
+"""Stages computed once in the benchmark's workdir, resumed after an interruption, timed.
+
+A stage is a folder under the workdir with a ``stage.json`` written (atomically) when it finished:
+its result and wall time. A stage whose folder lacks it is run (again); the functions it calls
+resume their own partial work (GAN checkpoints, the phantom's finished cases). One line per stage
+goes to stderr with the elapsed time and an ETA from the stages already timed.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from modalitybank.bank import atomic_write_json
+
+__all__ = ["STAGE_FILE", "Stages"]
+
+STAGE_FILE = "stage.json"
+#: Rough relative cost of each kind of stage, for the ETA before any stage of that kind was timed.
+_COST = {"data": 1.0, "pretrain": 4.0, "gan": 10.0, "synth": 0.5, "seg": 2.5, "fedavg": 5.0, "eval": 0.3}
+
+
+class Stages:
+    """Run the benchmark's stages in ``workdir``; ``plan`` is the list of ``(kind, name)`` expected."""
+
+    def __init__(self, workdir: Path, planned: list[tuple[str, str]], progress: bool = True) -> None:
+        self.workdir = workdir
+        self.planned = planned
+        self.progress = progress
+        self.times: dict[str, dict[str, Any]] = {}
+        self.t0 = time.perf_counter()
+
+    def path(self, name: str) -> Path:
+        return self.workdir / name
+
+    def done(self, name: str) -> dict[str, Any] | None:
+        marker = self.path(name) / STAGE_FILE
+        return json.loads(marker.read_text()) if marker.is_file() else None
+
+    def run(self, kind: str, name: str, fn: Callable[[Path], dict[str, Any]]) -> dict[str, Any]:
+        """``fn(folder)`` once: its result is stored in ``folder/stage.json`` and read back on a rerun."""
+        previous = self.done(name)
+        if previous is not None:
+            self.times[name] = {"kind": kind, "seconds": previous["seconds"], "reused": True}
+            self._say(f"{kind:8s} {name}: done before ({previous['seconds']:.0f} s), reused")
+            return previous["result"]
+        self._say(f"{kind:8s} {name} ...")
+        folder = self.path(name)
+        folder.mkdir(parents=True, exist_ok=True)
+        start = time.perf_counter()
+        result = fn(folder)
+        seconds = round(time.perf_counter() - start, 1)
+        atomic_write_json({"kind": kind, "name": name, "seconds": seconds, "result": result}, folder / STAGE_FILE)
+        self.times[name] = {"kind": kind, "seconds": seconds, "reused": False}
+        self._say(f"{kind:8s} {name}: {seconds:.0f} s")
+        return result
+
+    def eta(self) -> float:
+        """Seconds the stages not yet run should take, from the stages timed in this run."""
+        ran = [t for t in self.times.values() if not t["reused"]]
+        per_unit = (sum(t["seconds"] for t in ran) / sum(_COST[t["kind"]] for t in ran)) if ran else None
+        left = [(k, n) for k, n in self.planned if n not in self.times and self.done(n) is None]
+        return per_unit * sum(_COST[k] for k, _ in left) if per_unit else float("nan")
+
+    def _say(self, text: str) -> None:
+        if not self.progress:
+            return
+        finished = sum(1 for _, n in self.planned if n in self.times)
+        elapsed = time.perf_counter() - self.t0
+        eta = self.eta()
+        eta_text = f"ETA {eta / 60:.0f} min" if eta == eta else "ETA ?"
+        print(f"[benchmark {finished}/{len(self.planned)} | {elapsed / 60:.1f} min | {eta_text}] {text}",
+              file=sys.stderr, flush=True)
+
+    def summary(self) -> dict[str, dict[str, Any]]:
+        """The wall time of every stage (``reused``: computed by an earlier run)."""
+        return dict(self.times)

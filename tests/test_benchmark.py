@@ -1,0 +1,157 @@
+"""The benchmark's pieces: HD95 in millimetres, the missing-modality channel, the tables' plan and
+results; and (slow) the whole pipeline at a tiny size on the real components."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from monai.data import MetaTensor
+
+from modalitybank.benchmark.plan import Budget, load_table
+from modalitybank.benchmark.results import row_summary, separated_pairs
+from modalitybank.bundle.seg_transforms import FillMissingModalitiesd, SpacedHausdorffDistance, voxel_spacing
+from modalitybank.bundle.segmentation import brats_datalist
+
+
+def _point(shape: tuple[int, ...], at: tuple[int, ...], affine: np.ndarray) -> MetaTensor:
+    """A one-hot (background, object) volume holding one voxel of object at ``at``."""
+    x = torch.zeros((2, *shape))
+    x[0] = 1
+    x[(0, *at)], x[(1, *at)] = 0, 1
+    return MetaTensor(x, affine=torch.as_tensor(affine))
+
+
+@pytest.mark.parametrize("spacing, offset, expected", [
+    ((2.0, 1.0, 1.0), (3, 0, 0), 6.0),                   # 3 voxels along x at 2 mm
+    ((2.0, 3.0, 1.0), (1, 1, 0), math.sqrt(2**2 + 3**2)),  # one voxel diagonally in x-y
+    ((1.0, 1.0, 2.5), (0, 0, 2), 5.0),
+])
+def test_hd95_is_in_millimetres_from_the_affine(spacing, offset, expected) -> None:
+    affine = np.diag([*spacing, 1.0])
+    shape = (12, 12, 8)
+    label = _point(shape, (4, 4, 3), affine)
+    pred = _point(shape, tuple(a + b for a, b in zip((4, 4, 3), offset, strict=True)), affine)
+    assert voxel_spacing(label, 3) == list(spacing)
+    handler = SpacedHausdorffDistance(include_background=False, percentile=95)
+    handler.reset()
+    handler.update(([pred], [label]))
+    assert handler.compute() == pytest.approx(expected, rel=1e-5)
+
+
+def test_hd95_per_case_spacing_in_one_batch() -> None:
+    """Two cases of different resolutions in one batch: each measured with its own spacing."""
+    a = np.diag([1.0, 1.0, 1.0, 1.0])
+    b = np.diag([3.0, 1.0, 1.0, 1.0])
+    shape = (10, 10, 4)
+    handler = SpacedHausdorffDistance(include_background=False, percentile=95, reduction="none")
+    handler.reset()
+    handler.update(([_point(shape, (5, 2, 1), a), _point(shape, (5, 2, 1), b)],
+                    [_point(shape, (3, 2, 1), a), _point(shape, (3, 2, 1), b)]))
+    values = handler.metric_fn.get_buffer().flatten().tolist()
+    assert values == pytest.approx([2.0, 6.0])
+
+
+def test_missing_channel_is_blanked_and_the_key_dropped() -> None:
+    image = torch.arange(3 * 4 * 4, dtype=torch.float32).reshape(3, 4, 4) + 1
+    out = FillMissingModalitiesd("image")({"image": image, "missing": [1]})
+    assert "missing" not in out
+    assert (out["image"][1] == 0).all() and torch.equal(out["image"][0], image[0]) and torch.equal(out["image"][2], image[2])
+    same = FillMissingModalitiesd("image")({"image": image})
+    assert torch.equal(same["image"], image)
+    with pytest.raises(ValueError, match="no channel"):
+        FillMissingModalitiesd("image")({"image": image, "missing": [3]})
+
+
+def test_datalist_of_a_centre_lacking_a_modality(phantom_root: Path) -> None:
+    dl = brats_datalist(phantom_root, ["t1c", "t2", "flair"], sections={"training": "train"}, centres=["CBICA"],
+                        present=["t1c", "flair"])
+    assert dl["missing_modalities"] == ["t2"]
+    assert dl["training"] and all(e["centre"] == "CBICA" for e in dl["training"])
+    for e in dl["training"]:
+        assert e["missing"] == [1]
+        assert e["image"][0].endswith("_t1ce.nii.gz") and e["image"][2].endswith("_flair.nii.gz")
+        assert not e["image"][1].endswith("_t2.nii.gz")  # a placeholder, blanked after loading
+    full = brats_datalist(phantom_root, ["t1", "t2", "flair"], sections={"all": "all"})
+    assert "missing_modalities" not in full and all("missing" not in e for e in full["all"])
+
+
+def test_tables_share_recipes_and_follow_the_paper() -> None:
+    t1, t2, t3 = (load_table(n) for n in (1, 2, 3))
+    assert [r.name for r in t1.rows] == ["Real-All", "FedAvg-All", "Real-CBICA", "Real-TCIA", "Real-Other",
+                                         "AsynDGAN", "ModalityBank"]
+    assert t1.modalities == ("t1", "t2", "flair") and t2.modalities == ("t1c", "t2", "flair")
+    keys1 = {r.name: r.key for r in t1.rows}
+    keys3 = {r.name: r.key for r in t3.rows}
+    assert keys3["Real-CBICA"] == keys1["Real-CBICA"]  # computed once for both tables
+    assert keys3["ModalityBank (LGG T1c)"] == keys1["ModalityBank"]
+    assert len({r.key for r in t3.rows}) == len(t3.rows)
+    rows2 = {r.name: r for r in t2.rows}
+    assert rows2["Real-CBICA(n/a:T2)"].present == ("t1c", "flair")
+    assert rows2["Real-TCIA(n/a:FLAIR)"].present == ("t1c", "t2")
+    assert rows2["Real-Other(n/a:T1c)"].present == ("t2", "flair")
+    assert rows2["Completed-CBICA(syn:T2)"].train == "completed"
+    assert {r.source for r in t3.rows if r.generator} == {"lgg", "hgg", "nonbrain"}
+    with pytest.raises(ValueError, match="no rows"):
+        load_table(1, ["Real-Nowhere"])
+
+
+def test_budget_is_the_same_for_central_and_federated_rows() -> None:
+    for scale in ("tiny", "small", "paper"):
+        b = Budget.of(scale)
+        assert b.max_epochs * b.epoch_length >= b.iterations
+        assert b.local_iterations * b.fedavg_rounds == b.iterations
+
+
+def _seed(dice: list[float]) -> dict:
+    per_case = {f"c{i}": {"dice": d, "sens": d, "spec": 0.99, "hd95": 5.0} for i, d in enumerate(dice)}
+    return {"per_case": per_case, "mean": {"dice": float(np.mean(dice)), "sens": float(np.mean(dice)),
+                                           "spec": 0.99, "hd95": 5.0}}
+
+
+def test_row_summary_and_differences_beyond_the_seed_spread() -> None:
+    good = row_summary([_seed([0.8, 0.9]), _seed([0.82, 0.88])])
+    bad = row_summary([_seed([0.5, 0.6]), _seed([0.52, 0.58])])
+    noisy = row_summary([_seed([0.9, 0.9]), _seed([0.4, 0.5])])
+    assert good["dice"] == pytest.approx(0.85) and good["seeds"] == 2 and good["cases"] == 2
+    assert good["dice_seed_std"] == pytest.approx(0.0)
+    pairs = separated_pairs({"good": good, "bad": bad, "noisy": noisy})
+    assert ("good", "bad") in [(a, b) for a, b, _ in pairs]
+    assert not any("noisy" in (a, b) for a, b, _ in pairs)
+
+
+@pytest.mark.slow
+def test_benchmark_table_1_end_to_end_at_tiny(phantom_root: Path, tmp_path: Path) -> None:
+    """The whole pipeline, on the real components: NVFlare simulator for the bank, AsynDGAN and
+    FedAvg-All; the segmentation bundle for every row; every row and column present and finite."""
+    from modalitybank.cli import main
+
+    work = tmp_path / "bench"
+    code = main(["benchmark", "--table", "1", "--scale", "tiny", "--data", str(phantom_root), "--workdir", str(work),
+                 "--gan-iterations", "6", "--json", "--quiet"])
+    assert code == 0
+    result = json.loads((work / "table1.json").read_text())
+    names = [r.name for r in load_table(1).rows]
+    assert list(result["rows"]) == names
+    for name, row in result["rows"].items():
+        for k in ("dice", "dice_std", "sens", "spec"):
+            assert math.isfinite(row[k]) and 0.0 <= row[k] <= 1.0, (name, k, row[k])
+        assert math.isfinite(row["hd95"]) or row["dice"] == 0.0, (name, row)
+        assert row["cases"] == len(json.loads((phantom_root / "splits.json").read_text())["test"])
+    for gan in result["generators"].values():
+        assert gan["accepted_iterations"] == 6 and len(gan["sites"]) == 3
+    text = (work / "table1.md").read_text()
+    assert all(f"| {n} |" in text for n in names)
+    assert (work / "table1.csv").read_text().count("\n") == len(names) + 1
+    for fig in ("table1_dice.png", "table1_examples.png"):
+        assert (work / fig).stat().st_size > 10_000
+    # a second run finds every stage done and only rewrites the table
+    assert main(["benchmark", "--table", "1", "--scale", "tiny", "--data", str(phantom_root), "--workdir",
+                 str(work), "--gan-iterations", "6", "--json", "--quiet"]) == 0
+    again = json.loads((work / "table1.json").read_text())
+    assert all(s["reused"] for s in again["stages"].values())
+    assert again["rows"] == result["rows"]
