@@ -37,6 +37,14 @@ def cmd_phantom(a: argparse.Namespace) -> dict[str, Any]:
             "lgg": len(summary["lgg"])}
 
 
+def cmd_source(a: argparse.Namespace) -> dict[str, Any]:
+    from modalitybank.data.sources import make_source
+
+    summary = make_source(a.out, a.kind, scale=a.scale, seed=a.seed, progress=not a.quiet, count=a.cases)
+    return {"root": str(a.out), "source": a.kind, "scale": a.scale, "seed": a.seed, "cases": len(summary["cases"]),
+            "grade": summary["grade"]}
+
+
 def cmd_split(a: argparse.Namespace) -> dict[str, Any]:
     from modalitybank.data.sites import split_sites
 
@@ -49,7 +57,7 @@ def cmd_pretrain(a: argparse.Namespace) -> dict[str, Any]:
     from modalitybank.training import pretrain
 
     return pretrain(a.run_dir, a.data, scale=a.scale, cache_dir=a.cache_dir, progress=not a.quiet,
-                    iterations=a.iterations, seed=a.seed)
+                    source=getattr(a, "source", "lgg"), iterations=a.iterations, seed=a.seed)
 
 
 def cmd_train_local(a: argparse.Namespace) -> dict[str, Any]:
@@ -206,6 +214,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True, help="output root (HGG/, LGG/, splits.json, dataset.json)")
     _common(p, data=False, run_dir=False)
     p.set_defaults(fn=cmd_phantom)
+    p = data.add_parser("source", help="write a pre-training source set of the Table III ablation in its own "
+                        "folder: hgg (HGG-like T1c cases, disjoint from the phantom's) or nonbrain (a cardiac "
+                        "short-axis cine stand-in, BraTS layout)")
+    p.add_argument("--kind", required=True, choices=["hgg", "nonbrain"])
+    p.add_argument("--out", type=Path, required=True, help="output folder (HGG/ or CINE/, dataset.json)")
+    p.add_argument("--cases", type=int, default=None, help="override the preset's case count")
+    _common(p, data=False, run_dir=False)
+    p.set_defaults(fn=cmd_source)
     p = data.add_parser("split", help="deal a BraTS-layout folder's cases to N hospital sites (one folder each, "
                         "links only) and write the sites' modalitybank_site.json")
     p.add_argument("--data", type=Path, required=True, help="BraTS-layout folder")
@@ -218,8 +234,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(fn=cmd_split)
 
-    p = sub.add_parser("pretrain", help="pre-train the whole generator centrally on the source set (LGG, T1c)")
+    p = sub.add_parser("pretrain", help="pre-train the whole generator centrally on a source set (default: LGG, T1c)")
     _common(p)
+    p.add_argument("--source", default="lgg", choices=config.pretrain_sources(),
+                   help="source set (Table III): lgg reads --data's LGG/; hgg / nonbrain read the set made by "
+                   "`modalitybank data source` at --data, or, given a phantom root, <data>/sources/<name> (made "
+                   "on demand), or make it at an empty --data")
     p.set_defaults(fn=cmd_pretrain)
 
     p = sub.add_parser("train-local", help="learn one bank entry per target modality against per-site "

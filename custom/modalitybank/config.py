@@ -59,7 +59,24 @@ def experiment(name: str) -> dict[str, Any]:
 
 
 def experiments() -> list[str]:
-    return sorted(k for k in _load("experiments.json") if k not in ("pretrain", "site_centres"))
+    return sorted(k for k in _load("experiments.json") if k not in ("pretrain", "pretrain_sources", "site_centres"))
+
+
+def pretrain_sources() -> list[str]:
+    """Names of the pre-training source sets (``configs/experiments.json`` → ``pretrain_sources``)."""
+    return [k for k in _load("experiments.json")["pretrain_sources"] if not k.startswith("_")]
+
+
+def pretrain_source(name: str = "lgg") -> dict[str, Any]:
+    """Pre-training source set ``name`` (``lgg``, ``hgg``, ``nonbrain``): ``grade`` (the folder read),
+    ``modality`` (the loader's modality slot), ``base_modality`` (what the pre-trained base makes),
+    ``description``. ``lgg`` is the ``pretrain`` entry (the default source)."""
+    sources = _load("experiments.json")["pretrain_sources"]
+    if name.startswith("_") or name not in sources:
+        raise ValueError(f"unknown pre-training source {name!r}; choose one of {pretrain_sources()}")
+    out = json.loads(json.dumps(sources[name]))
+    out.setdefault("base_modality", out["modality"])
+    return out
 
 
 def centre_of_site(site: str) -> str:

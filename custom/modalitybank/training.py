@@ -70,11 +70,12 @@ class BatchStream:
     """Endless shuffled batches of one site's slices, as :class:`SiteBatch` (mask channels + reals).
 
     ``dataset`` items are dicts with ``image (C, H, W)``, ``label (H, W)``, ``brain (H, W)``; its
-    ``modalities`` name the image channels.
+    ``modalities`` name the image channels, unless ``names`` renames them (the non-brain source's
+    images sit in the loader's ``t1c`` slot but are the base's ``cine``).
     """
 
-    def __init__(self, dataset: Dataset, batch_size: int, seed: int) -> None:
-        self.modalities: list[str] = list(dataset.modalities)  # type: ignore[attr-defined]
+    def __init__(self, dataset: Dataset, batch_size: int, seed: int, names: Sequence[str] | None = None) -> None:
+        self.modalities: list[str] = list(dataset.modalities if names is None else names)  # type: ignore[attr-defined]
         size = len(dataset)  # type: ignore[arg-type]
         if size == 0:
             raise ValueError("a site has no training slices")
@@ -160,14 +161,16 @@ def _resuming(run_dir: str | Path) -> bool:
     return (Path(run_dir) / "state.pt").is_file()
 
 
-def pretrain_generator(run_dir: str | Path, scale: str = "tiny") -> ResnetGenerator:
+def pretrain_generator(run_dir: str | Path, scale: str = "tiny", source: str = "lgg") -> ResnetGenerator:
     """The generator to pre-train: the one in ``run_dir`` when it holds an unfinished run, else a fresh
     one sized by preset ``scale``, its base modality the source set's (``experiments.json`` →
-    ``pretrain``). Every weight trains."""
+    ``pretrain_sources.<source>.base_modality``: ``t1c`` for ``lgg`` / ``hgg``, ``cine`` for
+    ``nonbrain``, so a cardiac base never passes for a brain modality). Every weight trains."""
     if _resuming(run_dir):
         generator = load_generator(run_dir)
     else:
-        generator = build_generator(config.preset(scale)["model"], base_modality=config.experiment("pretrain")["modality"])
+        generator = build_generator(config.preset(scale)["model"],
+                                    base_modality=config.pretrain_source(source)["base_modality"])
     return generator.requires_grad_(True)
 
 
@@ -189,29 +192,54 @@ def bank_meta(pretrained: str | Path, experiment: str, scale: str, data_root: st
             "data_root": str(data_root), "image_size": config.preset(scale)["slices"]["image_size"]}
 
 
-def pretrain_meta(scale: str, data_root: str | Path) -> dict[str, Any]:
-    """``generator.json`` provenance of a pre-training run, as :func:`modalitybank.training.pretrain` writes it."""
-    return {"stage": "pretrained", "pretrained_on": config.experiment("pretrain"), "scale": scale,
-            "data_root": str(data_root), "image_size": config.preset(scale)["slices"]["image_size"]}
+def pretrain_meta(scale: str, data_root: str | Path, source: str = "lgg",
+                  source_root: str | Path | None = None) -> dict[str, Any]:
+    """``generator.json`` provenance of a pre-training run, as :func:`modalitybank.training.pretrain` writes it:
+    ``pretrained_on`` names the source (``{"source": "lgg", "grade": "LGG", "modality": "t1c", ...}``)."""
+    on = {"source": source, **config.experiment("pretrain")} if source == "lgg" else {"source": source}
+    on.update({k: v for k, v in config.pretrain_source(source).items() if k not in on})
+    meta = {"stage": "pretrained", "pretrained_on": on, "scale": scale, "data_root": str(data_root),
+            "image_size": config.preset(scale)["slices"]["image_size"]}
+    if source_root is not None:
+        meta["source_root"] = str(source_root)
+    return meta
 
 
 def pretrain(run_dir: str | Path, data_root: str | Path, scale: str = "tiny", cache_dir: str | Path | None = None,
-             progress: bool = True, **overrides: Any) -> dict[str, Any]:
-    """Pre-train the whole generator on the source set (``configs/experiments.json`` → ``pretrain``)."""
+             progress: bool = True, source: str = "lgg", **overrides: Any) -> dict[str, Any]:
+    """Pre-train the whole generator on a source set (``configs/experiments.json`` → ``pretrain_sources``).
+
+    Args:
+        run_dir: where the generator, checkpoints and logs go (resumes if it holds a run).
+        data_root: for ``source="lgg"`` the phantom (or real BraTS) root, whose ``LGG/`` is read. For
+            ``"hgg"`` / ``"nonbrain"``: a source set made by ``modalitybank data source``
+            (:func:`modalitybank.data.sources.make_source`), or a phantom root (the set is then read
+            from, and built on demand in, ``<root>/sources/<source>`` at the phantom's scale and seed),
+            or a missing / empty folder (built there at ``scale``, data seed = ``seed``).
+        scale: size preset.
+        source: ``"lgg"`` (default, the behaviour before the ablation), ``"hgg"`` or ``"nonbrain"``.
+            ``generator.json`` records it under ``pretrained_on``; the base's modality name is the
+            source's ``base_modality`` (``cine`` for ``nonbrain``).
+        overrides: :class:`TrainSettings` fields (``iterations``, ``seed``, ...).
+    """
+    from modalitybank.data.sources import resolve_source_root
+
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     settings = TrainSettings.from_preset(scale, "pretrain", **overrides)
-    source = config.experiment("pretrain")
+    pre = config.pretrain_source(source)
     model = config.preset(scale)["model"]
-    dataset = _datasets().source_dataset(data_root, scale, cache_dir=cache_dir)
+    root = resolve_source_root(data_root, source, scale=scale, seed=settings.seed, build=True, progress=progress)
+    dataset = _datasets().source_dataset(root, scale, cache_dir=cache_dir, source=source)
     torch.manual_seed(settings.seed)
-    generator = pretrain_generator(run_dir, scale)
-    sites = make_site_models({"source": [source["modality"]]}, model, settings)
-    streams = {"source": BatchStream(dataset, settings.batch_size, settings.seed)}
-    meta = pretrain_meta(scale, data_root)
+    generator = pretrain_generator(run_dir, scale, source)
+    base = pre["base_modality"]
+    sites = make_site_models({"source": [base]}, model, settings)
+    streams = {"source": BatchStream(dataset, settings.batch_size, settings.seed, names=[base])}
+    meta = pretrain_meta(scale, data_root, source, None if source == "lgg" else root)
     summary = run_gan(run_dir, generator, settings.adam(list(generator.parameters())), sites, streams, settings,
-                      lambda: save_generator(generator, run_dir, meta), desc="pre-train", progress=progress)
-    return {**summary, "run_dir": str(run_dir), "slices": len(dataset)}
+                      lambda: save_generator(generator, run_dir, meta), desc=f"pre-train ({source})", progress=progress)
+    return {**summary, "run_dir": str(run_dir), "slices": len(dataset), "source": source}
 
 
 def train_bank(run_dir: str | Path, data_root: str | Path, pretrained: str | Path | None, scale: str = "tiny",

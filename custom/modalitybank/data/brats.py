@@ -191,11 +191,22 @@ def source_dataset(
     root: str | os.PathLike[str],
     scale: str,
     cache_dir: str | os.PathLike[str] | None = None,
+    source: str = "lgg",
     **kw: Any,
 ) -> SiteDataset:
-    """The pre-training source set: ``config.experiment("pretrain")`` (grade LGG, modality t1c),
-    all centres, split ``"all"``, sized by ``config.preset(scale)["slices"]``."""
-    pre = config.experiment("pretrain")
+    """The pre-training source set ``source`` (``configs/experiments.json`` → ``pretrain_sources``),
+    all its cases (split ``"all"``), sized by ``config.preset(scale)["slices"]``.
+
+    ``"lgg"`` (default): ``config.experiment("pretrain")`` (grade LGG, modality t1c) under ``root``.
+    ``"hgg"`` / ``"nonbrain"``: ``root`` is that source set's folder, or a phantom root whose
+    ``sources/<name>`` holds it (:func:`modalitybank.data.sources.resolve_source_root`; nothing is
+    built here). The dataset's ``modalities`` name the loader's slot (``t1c``); the pre-trained base's
+    name for its images is the source's ``base_modality``.
+    """
+    from .sources import resolve_source_root
+
+    pre = config.experiment("pretrain") if source == "lgg" else config.pretrain_source(source)
+    root = resolve_source_root(root, source)
     args = _slice_kwargs(scale, kw)
     args.setdefault("grades", (pre["grade"],))
     args.setdefault("split", "all")

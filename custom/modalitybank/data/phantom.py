@@ -8,6 +8,11 @@ style for the LGG pre-training set), written in the BraTS 2018 layout and naming
     root/LGG/<case>/<case>_{t1ce,seg}.nii.gz               pre-training source set (T1c only)
     root/splits.json, root/dataset.json
 
+Two further source sets for the pre-training ablation (Table III) are made on demand, each in a
+root of its own, never in ``root/HGG`` (so they cannot leak into the HGG train/test cases): the
+HGG-like T1c source (:func:`hgg_source_plan`, group ``HGG_source``) here, and the cardiac cine
+stand-in in :mod:`modalitybank.data.cardiac`; :func:`modalitybank.data.sources.make_source` makes either.
+
 Every case is drawn from ``numpy.random.default_rng([seed, group, index])``: the same seed gives
 the same arrays, and a rerun after an interruption resumes where it stopped.
 """
@@ -41,7 +46,10 @@ from .tumour import RADIUS_MM, make_tumour, pick_centre
 
 NAME = "ModalityBank BraTS-like phantom"
 #: Stable group numbers that seed each case: (seed, group, index within group).
-GROUPS: dict[str, int] = {"CBICA": 0, "TCIA": 1, "Other": 2, "test": 3, "LGG": 4}
+#: Never renumber: existing data stays bit-identical only while each group keeps its number.
+GROUPS: dict[str, int] = {"CBICA": 0, "TCIA": 1, "Other": 2, "test": 3, "LGG": 4, "HGG_source": 5, "cardiac": 6}
+#: The groups :func:`make_phantom` writes (its ``cases`` keys); the others are separate source sets.
+PHANTOM_GROUPS: tuple[str, ...] = ("CBICA", "TCIA", "Other", "test", "LGG")
 #: Style of the LGG pre-training source set.
 LGG_STYLE = "public"
 #: BraTS 2018 numbers of the 2013 cases: HGG ones, then LGG ones (ours continue from 30).
@@ -195,14 +203,20 @@ def _save_nifti(path: Path, array: np.ndarray, affine: np.ndarray) -> None:
     nib.save(img, str(path))
 
 
+def _case_modalities(case: dict[str, Any]) -> tuple[str, ...]:
+    if case.get("modalities"):
+        return tuple(case["modalities"])
+    return MODALITIES if case["folder"] == "HGG" else ("t1c",)
+
+
 def _case_files(case: dict[str, Any]) -> list[str]:
-    mods = MODALITIES if case["folder"] == "HGG" else ("t1c",)
+    mods = _case_modalities(case)
     return [f"{case['id']}_{MODALITY_SUFFIX[m]}.nii.gz" for m in mods] + [f"{case['id']}_seg.nii.gz"]
 
 
 def _write_case(root: Path, case: dict[str, Any], spacing: float) -> None:
     """Synthesise and write one case into a temporary folder, then rename it into place."""
-    mods = MODALITIES if case["folder"] == "HGG" else ("t1c",)
+    mods = _case_modalities(case)
     pc = phantom_case(case["seed"], spacing, case["centre"], case["kind"], mods)
     final = root / case["folder"] / case["id"]
     tmp = root / case["folder"] / f".tmp_{case['id']}"
@@ -261,11 +275,11 @@ def make_phantom(
     root = Path(root)
     data = preset(scale)["data"]
     spacing = float(data["spacing_mm"])
-    counts = {k: int(v) for k, v in data["cases"].items()}
+    counts = {k: int(v) for k, v in data["cases"].items() if k in PHANTOM_GROUPS}
     if cases:
-        unknown = set(cases) - set(GROUPS)
+        unknown = set(cases) - set(PHANTOM_GROUPS)
         if unknown:
-            raise ValueError(f"unknown case groups {sorted(unknown)}; use {sorted(GROUPS)}")
+            raise ValueError(f"unknown case groups {sorted(unknown)}; use {sorted(PHANTOM_GROUPS)}")
         counts.update({k: int(v) for k, v in cases.items()})
     plan = _plan(seed, counts)
     summary = _summary(scale, seed, spacing, counts, plan)
@@ -301,3 +315,25 @@ def make_phantom(
     summary["complete"] = True
     _write_json(meta_path, summary)
     return summary
+
+
+# ----------------------------------------------------------------------------- HGG-like source set
+
+#: Folder of the HGG-like T1c source set inside its own root (the BraTS grade folder name).
+HGG_SOURCE_FOLDER = "HGG"
+
+
+def hgg_source_plan(seed: int, n: int) -> list[dict[str, Any]]:
+    """The ``n`` cases of the HGG-like T1c source set: seeded by group ``HGG_source`` (never a
+    training or test group) and named ``PublicHGG_<k>``, an id no phantom case has."""
+    return [
+        dict(id=f"PublicHGG_{i:03d}", folder=HGG_SOURCE_FOLDER, centre=LGG_STYLE, kind="HGG",
+             seed=[seed, GROUPS["HGG_source"], i], split="source", modalities=["t1c"])
+        for i in range(int(n))
+    ]
+
+
+def write_hgg_source_case(root: Path, case: dict[str, Any], spacing: float) -> list[str]:
+    """Write one case of :func:`hgg_source_plan` under ``root``; returns the file names it holds."""
+    _write_case(root, case, spacing)
+    return _case_files(case)
