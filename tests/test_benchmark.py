@@ -37,7 +37,7 @@ def test_hd95_is_in_millimetres_from_the_affine(spacing, offset, expected) -> No
     label = _point(shape, (4, 4, 3), affine)
     pred = _point(shape, tuple(a + b for a, b in zip((4, 4, 3), offset, strict=True)), affine)
     assert voxel_spacing(label, 3) == list(spacing)
-    handler = SpacedHausdorffDistance(include_background=False, percentile=95)
+    handler = SpacedHausdorffDistance(include_background=False, percentile=95, save_details=False)
     handler.reset()
     handler.update(([pred], [label]))
     assert handler.compute() == pytest.approx(expected, rel=1e-5)
@@ -48,7 +48,7 @@ def test_hd95_per_case_spacing_in_one_batch() -> None:
     a = np.diag([1.0, 1.0, 1.0, 1.0])
     b = np.diag([3.0, 1.0, 1.0, 1.0])
     shape = (10, 10, 4)
-    handler = SpacedHausdorffDistance(include_background=False, percentile=95, reduction="none")
+    handler = SpacedHausdorffDistance(include_background=False, percentile=95, reduction="none", save_details=False)
     handler.reset()
     handler.update(([_point(shape, (5, 2, 1), a), _point(shape, (5, 2, 1), b)],
                     [_point(shape, (3, 2, 1), a), _point(shape, (3, 2, 1), b)]))

@@ -87,7 +87,8 @@ class Benchmark:
                                 **self._iterations())
             from modalitybank.data.sources import make_source
 
-            root = make_source(self.work / "sources" / source, source, scale=self.scale, seed=0)
+            root = self.work / "sources" / source
+            make_source(root, source, scale=self.scale, seed=0, progress=False)
             return pretrain(folder, root, scale=self.scale, cache_dir=self.cache, progress=False, source=source,
                             **self._iterations())
 

@@ -40,6 +40,7 @@ def bundle_command(configs: Sequence[str], log: Path, **overrides: Any) -> None:
            "--meta_file", str(root / "configs" / "metadata.json"), "--bundle_root", str(root)]
     for key, value in overrides.items():
         cmd += [f"--{key}", json.dumps(value) if isinstance(value, list | tuple) else str(value)]
+    log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "w") as out:
         code = subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT).returncode
     if code != 0:
@@ -49,14 +50,19 @@ def bundle_command(configs: Sequence[str], log: Path, **overrides: Any) -> None:
 
 def train(datalist: str | Path, out: Path, modalities: Sequence[str], budget: Budget, seed: int) -> Path:
     """Train the bundle's network on ``datalist``'s ``training`` section for ``budget.iterations``
-    iterations; returns ``out/models/model.pt`` (the final weights)."""
+    iterations; returns ``out/models/model.pt`` (the final weights). A finished training in ``out``
+    (``trained.json`` beside the weights) is kept: an interrupted row resumes at its evaluation."""
+    model, done = out / "models" / "model.pt", out / "trained.json"
+    if model.is_file() and done.is_file():
+        return model
     bundle_command(["train.json", "train_budget.json"], out / "train.log", dataset_dir=str(datalist),
                    ckpt_dir=str(out / "models"), output_dir=str(out / "train"), modalities=list(modalities),
                    max_epochs=budget.max_epochs, epoch_length=budget.epoch_length, num_samples=budget.num_samples,
                    learning_rate=budget.learning_rate, seed=seed, **{"train#dataloader#batch_size": budget.batch_size})
-    model = out / "models" / "model.pt"
     if not model.is_file():
         raise RuntimeError(f"segmentation training wrote no {model}; see {out / 'train.log'}")
+    done.write_text(json.dumps({"iterations": budget.max_epochs * budget.epoch_length, "seed": seed,
+                                "datalist": str(datalist)}))
     return model
 
 
