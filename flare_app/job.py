@@ -4,8 +4,10 @@ Server: :class:`~modalitybank.fl.controller.ModalityBankController` (the generat
 Each site: :class:`~modalitybank.fl.executor.SiteExecutor` for the hello and GAN-step tasks, the
 task-data filter :class:`~modalitybank.fl.privacy.TaskManifestRecorder` (what the server sent) and
 the task-result filter :class:`~modalitybank.fl.privacy.PrivacyGuard` (what may leave), and the
-``site_discriminator`` MONAI bundle the site builds its discriminators from. The FedAvg job is
-NVFlare's own ``ScatterAndGather`` over the segmentation network.
+``site_discriminator`` MONAI bundle the site builds its discriminators from. The FedAvg jobs
+(FedML-All) are NVFlare's own ``ScatterAndGather`` over the ``tumor_segmentation`` bundle's network,
+each site training the bundle under MONAI's ``MonaiAlgo``
+(:class:`~modalitybank.fl.segmentation.FedAvgSegmentationExecutor`).
 
 Two ways for the sites to get the code:
 
@@ -38,11 +40,7 @@ from nvflare.app_common.aggregators.intime_accumulate_model_aggregator import (
     InTimeAccumulateWeightedAggregator,
 )
 from nvflare.app_common.shareablegenerators.full_model_shareable_generator import FullModelShareableGenerator
-from nvflare.app_common.widgets.intime_model_selector import IntimeModelSelector
-from nvflare.app_common.widgets.validation_json_generator import ValidationJsonGenerator
-from nvflare.app_common.workflows.global_model_eval import GlobalModelEval
 from nvflare.app_common.workflows.scatter_and_gather import ScatterAndGather
-from nvflare.app_opt.pt.file_model_locator import PTFileModelLocator
 from nvflare.app_opt.pt.file_model_persistor import PTFileModelPersistor
 from nvflare.job_config.api import FedJob
 from nvflare.job_config.defs import FilterType
@@ -51,7 +49,8 @@ from modalitybank.fl import wire
 from modalitybank.fl.controller import ModalityBankController
 from modalitybank.fl.executor import SiteExecutor
 from modalitybank.fl.privacy import PrivacyGuard, TaskManifestRecorder
-from modalitybank.fl.segmentation import FedAvgSegmentationExecutor, FedSegmentationNet, RoundDiceLogger
+from modalitybank.fl.segmentation import BUNDLE as SEGMENTATION_BUNDLE
+from modalitybank.fl.segmentation import BundleNetwork, FedAvgSegmentationExecutor
 from modalitybank.resources import bundle_dir
 
 #: The jobs of ``jobs/``: the paper's experiments and baselines.
@@ -60,6 +59,7 @@ JOBS: dict[str, dict[str, Any]] = {
     "modalitybank_missing_modality": {"kind": "gan", "experiment": "missing_modality"},
     "asyndgan": {"kind": "gan", "experiment": "multimodal", "baseline": "asyndgan"},
     "fedavg_segmentation": {"kind": "fedavg", "experiment": "multimodal"},
+    "fedavg_segmentation_missing_modality": {"kind": "fedavg", "experiment": "missing_modality"},
 }
 #: How often a site asks for work and the server checks for it (seconds): NVFlare waits this long
 #: when there is none, so at the defaults (2 s, 0.5 s) latency, not compute, sets the pace.
@@ -69,8 +69,9 @@ CLIENT_PARAMS = {"default_task_fetch_interval": 0.02}
 DISCRIMINATOR_BUNDLE = "site_discriminator"
 #: Package markers carried with the code (``bundle/__init__`` is left out: it imports every bundle's helpers).
 PACKAGE_INITS = ("__init__.py", "fl/__init__.py", "data/__init__.py")
-#: Rounds, local steps and the sites a FedAvg round waits for (it aggregates once that many answered).
-FEDAVG = {"num_rounds": 5, "local_steps": 10, "min_clients": 3}
+#: Rounds, local iterations per round and site, and the sites a FedAvg round waits for (it aggregates
+#: once that many answered): each site's network sees ``num_rounds × local_iterations`` iterations.
+FEDAVG = {"num_rounds": 5, "local_iterations": 10, "min_clients": 3}
 
 
 def _params(cls: type) -> set[str]:
@@ -110,40 +111,41 @@ def gan_job(name: str, experiment: str, baseline: str = "", site_executor: type[
     job.to_clients(TaskManifestRecorder(), filter_type=FilterType.TASK_DATA, tasks=list(wire.TASKS))
     job.to_clients(PrivacyGuard(), filter_type=FilterType.TASK_RESULT, tasks=list(wire.TASKS))
     job.to_clients(CLIENT_PARAMS)
-    _code(job, with_code, carry_bundle=True)
+    _code(job, with_code, bundles={DISCRIMINATOR_BUNDLE: ""})
     return job
 
 
 def fedavg_job(name: str, experiment: str, with_code: bool = False, num_rounds: int = FEDAVG["num_rounds"],
-               local_steps: int = FEDAVG["local_steps"], min_clients: int = FEDAVG["min_clients"],
+               local_iterations: int = FEDAVG["local_iterations"], min_clients: int = FEDAVG["min_clients"],
                **args: Any) -> FedJob:
-    """FedML-All: NVFlare's FedAvg (``ScatterAndGather``) of the segmentation network on the sites' real slices."""
+    """FedML-All: NVFlare's FedAvg (``ScatterAndGather``) of the segmentation bundle's network, each site
+    training the bundle's ``train`` workflow on its own real cases for ``local_iterations`` per round.
+
+    No model selector: the job's result is ``FL_global_model.pt``, the global model after the last
+    round. ``args`` are arguments of :class:`~modalitybank.fl.segmentation.FedAvgSegmentationExecutor`.
+    """
     bad = _unknown(args, FedAvgSegmentationExecutor)
     if bad:
         raise ValueError(f"job {name}: unknown arguments {bad}")
     job = FedJob(name=name, min_clients=min_clients)
-    persistor = job.to_server(PTFileModelPersistor(model=FedSegmentationNet(experiment=experiment)), id="persistor")
+    persistor = job.to_server(PTFileModelPersistor(model=BundleNetwork(experiment=experiment)), id="persistor")
     aggregator = job.to_server(InTimeAccumulateWeightedAggregator(expected_data_kind="WEIGHTS"), id="aggregator")
     generator = job.to_server(FullModelShareableGenerator(), id="shareable_generator")
-    locator = job.to_server(PTFileModelLocator(pt_persistor_id=persistor), id="model_locator")
-    job.to_server(IntimeModelSelector(key_metric="val_dice"), id="model_selector")
-    job.to_server(ValidationJsonGenerator(), id="json_generator")
-    job.to_server(RoundDiceLogger(), id="round_dice")
     job.to_server(ScatterAndGather(min_clients=min_clients, num_rounds=num_rounds, aggregator_id=aggregator,
                                    persistor_id=persistor, shareable_generator_id=generator,
                                    wait_time_after_min_received=0, train_timeout=0, task_check_period=0.05),
                   id="fedavg")
-    job.to_server(GlobalModelEval(model_locator_id=locator, validation_timeout=600, task_check_period=0.05),
-                  id="global_model_eval")
     job.to_server({"server": {"task_request_interval": 0.05}})
     job.to_clients(FedAvgSegmentationExecutor(**_args_for(FedAvgSegmentationExecutor, {
-        "experiment": experiment, "local_steps": local_steps, **args})), tasks=["train", "validate", "submit_model"])
-    _code(job, with_code, carry_bundle=False)
+        "experiment": experiment, "local_iterations": local_iterations, **args})), tasks=["train"])
+    job.to_clients(CLIENT_PARAMS)
+    _code(job, with_code, bundles={SEGMENTATION_BUNDLE: "configs"})  # not its 2 MB demo model
     return job
 
 
-def _code(job: FedJob, with_code: bool, carry_bundle: bool) -> None:
-    """Configuration only (the package is installed at every site), or the runtime carried in ``custom/``."""
+def _code(job: FedJob, with_code: bool, bundles: dict[str, str]) -> None:
+    """Configuration only (the package is installed at every site), or the runtime and ``bundles``
+    carried in ``custom/`` (bundle name → the sub-folder carried, ``""``: all of it, as ``custom/<name>``)."""
     if not with_code:
         job.set_app_packages(["modalitybank"])
         return
@@ -153,8 +155,8 @@ def _code(job: FedJob, with_code: bool, carry_bundle: bool) -> None:
     job.add_file_to_clients(str(package / "configs"), dest_dir="modalitybank/configs")
     for init in PACKAGE_INITS:  # the Job API copies the modules the classes import, not their packages' __init__
         job.add_file_to_clients(str(package / init), dest_dir=str(Path("modalitybank", init).parent))
-    if carry_bundle:
-        job.add_file_to_clients(str(bundle_dir(DISCRIMINATOR_BUNDLE)), dest_dir=DISCRIMINATOR_BUNDLE)
+    for name, part in bundles.items():
+        job.add_file_to_clients(str(bundle_dir(name) / part), dest_dir=str(Path(name, part)))
 
 
 def make_job(name: str, with_code: bool = False, **args: Any) -> FedJob:

@@ -73,6 +73,24 @@ def test_job_with_code_carries_the_runtime_only(tmp_path) -> None:
     assert client["executor"]["args"]["scale"] == "small" and "iterations" not in client["executor"]["args"]
 
 
+def test_fedavg_job_with_code_carries_the_segmentation_bundle(tmp_path) -> None:
+    job = export_job("fedavg_segmentation", tmp_path / "job", with_code=True, rounds=3, local_iterations=4)
+    custom = job / "app" / "custom"
+    modules = {str(p.relative_to(custom / "modalitybank")) for p in (custom / "modalitybank").rglob("*.py")}
+    runtime = {"fl/segmentation.py", "fl/executor.py", "fl/site_config.py", "bundle/segmentation.py",
+               "bundle/seg_transforms.py", "data/brats.py", "data/brats_cases.py", "resources.py", "config.py"}
+    assert runtime <= modules
+    # no bundle/__init__ (it imports every bundle's helpers): train.json's load_datalist is reached directly
+    assert not modules & {"fl/jobs.py", "bench.py", "cli.py", "data/phantom.py", "data/default.py", "bundle/__init__.py"}
+    carried = {str(p.relative_to(custom / "tumor_segmentation")) for p in (custom / "tumor_segmentation").rglob("*")}
+    assert {"configs/train.json", "configs/evaluate.json", "configs/metadata.json"} <= carried
+    assert not [p for p in carried if p.startswith("models")]  # not the demo weights
+    server = json.loads((job / "app" / "config" / "config_fed_server.json").read_text())
+    client = json.loads((job / "app" / "config" / "config_fed_client.json").read_text())["executors"][0]
+    assert server["workflows"][0]["args"]["num_rounds"] == 3
+    assert client["executor"]["args"]["local_iterations"] == 4
+
+
 def test_unknown_job_arguments_are_refused(tmp_path) -> None:
     with pytest.raises(ValueError, match="unknown arguments \\['data_rot'\\]"):
         export_job("modalitybank_multimodal", tmp_path / "job", data_rot="/x")

@@ -296,7 +296,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = fl.add_parser("simulate", help="run a job of jobs/ in the NVFlare simulator (3 hospital sites); "
                       "a second run in the same --workdir resumes from its checkpoint")
     p.add_argument("job", help="job name in jobs/ (modalitybank_multimodal, modalitybank_missing_modality, asyndgan, "
-                   "fedavg_segmentation) or a job folder")
+                   "fedavg_segmentation, fedavg_segmentation_missing_modality) or a job folder")
     p.add_argument("--scale", default="tiny", choices=config.scales())
     p.add_argument("--rounds", type=int, default=None, help="iterations (GAN jobs) or rounds (FedAvg); default: preset")
     p.add_argument("--workdir", type=Path, required=True, help="job copy, simulator workspace, checkpoint, log")

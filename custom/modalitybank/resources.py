@@ -2,7 +2,9 @@
 
 A wheel (``pip install .``) carries a copy of them inside the package (``modalitybank/_share``,
 written by ``setup.py`` at build time); an editable install or a source checkout uses the
-folders of the repository itself.
+folders of the repository itself. A job that carries the package in its ``custom/`` folder (NVFlare
+``with_code``) carries the bundles it needs beside it (``custom/<bundle>``): :func:`bundle_dir` finds
+them there when no installed copy exists.
 """
 
 from __future__ import annotations
@@ -28,8 +30,18 @@ def shared_dir(name: str) -> Path:
 
 
 def bundle_dir(name: str) -> Path:
-    """The MONAI bundle ``name`` (``modalitybank_generator``, ``site_discriminator``, ``tumor_segmentation``)."""
-    path = shared_dir("bundles") / name
+    """The MONAI bundle ``name`` (``modalitybank_generator``, ``site_discriminator``, ``tumor_segmentation``):
+    installed with the package or in its source tree, else carried beside the package (a job's ``custom/``)."""
+    try:
+        path = shared_dir("bundles") / name
+    except FileNotFoundError:
+        path = _PACKAGE.parent / name
+        if (path / "configs" / "metadata.json").is_file():
+            return path
+        raise
     if not (path / "configs" / "metadata.json").is_file():
+        carried = _PACKAGE.parent / name
+        if (carried / "configs" / "metadata.json").is_file():
+            return carried
         raise FileNotFoundError(f"no bundle {name!r} in {path.parent}")
     return path

@@ -96,8 +96,10 @@ def simulate(job: str | Path, workdir: str | Path, scale: str = "tiny", rounds: 
     site reads its own settings. ``clients`` names the sites (default ``site-1..n_clients``). Raises ``RuntimeError`` naming the reason
     if the simulator fails, which includes a run in which too few sites joined or none trained.
 
-    Returns ``{"checkpoint", "ledgers", "rounds", "sites", "seconds", "log"}``: ``rounds`` counts the
-    iterations with accepted gradients, ``sites`` the sites that contributed (GAN jobs).
+    Returns ``{"checkpoint", "ledgers", "rounds", "sites", "seconds", "log", "workspace"}``: ``rounds``
+    counts the iterations with accepted gradients, ``sites`` the sites that contributed (GAN jobs; ``None``
+    and ``[]`` for the FedAvg jobs, whose results :func:`modalitybank.fl.segmentation.run_fedavg` reads
+    from the workspace).
     """
     workdir = Path(workdir).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
@@ -120,7 +122,7 @@ def simulate(job: str | Path, workdir: str | Path, scale: str = "tiny", rounds: 
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=workdir)
         for line in proc.stdout:  # type: ignore[union-attr]
             log.write(line)
-            if progress and re.search(r"iteration \d+/\d+|joined|could not join|at iteration|is back|ERROR", line):
+            if progress and re.search(r"iteration \d+/\d+|joined|could not join|at iteration|is back|ERROR|round \d+: site", line):
                 print(line.rstrip()[-220:], file=sys.stderr)
         code = proc.wait()
     seconds = round(time.perf_counter() - start, 1)
@@ -131,4 +133,4 @@ def simulate(job: str | Path, workdir: str | Path, scale: str = "tiny", rounds: 
                            f"{log_path.read_text()[-2000:]}")
     ledgers = sorted(str(p) for p in workspace.rglob(wire.LEDGER_FILE))
     return {"checkpoint": str(checkpoint), "ledgers": ledgers, "rounds": run["accepted_iterations"] if run else None,
-            "sites": run["sites"] if run else [], "seconds": seconds, "log": str(log_path)}
+            "sites": run["sites"] if run else [], "seconds": seconds, "log": str(log_path), "workspace": str(workspace)}
