@@ -83,7 +83,7 @@ def test_datalist_of_a_centre_lacking_a_modality(phantom_root: Path) -> None:
 def test_tables_share_recipes_and_follow_the_paper() -> None:
     t1, t2, t3 = (load_table(n) for n in (1, 2, 3))
     assert [r.name for r in t1.rows] == ["Real-All", "FedAvg-All", "Real-CBICA", "Real-TCIA", "Real-Other",
-                                         "AsynDGAN", "ModalityBank"]
+                                         "AsynDGAN", "ModalityBank", "Real-All@GAN-view"]
     assert t1.modalities == ("t1", "t2", "flair") and t2.modalities == ("t1c", "t2", "flair")
     keys1 = {r.name: r.key for r in t1.rows}
     keys3 = {r.name: r.key for r in t3.rows}

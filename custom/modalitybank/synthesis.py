@@ -25,6 +25,7 @@ from modalitybank.data.brats import (
     BratsDataError,
     SiteDataset,
     load_case,
+    normalise_volume,
     resize_slices,
     scan_cases,
     split_cases,
@@ -67,14 +68,33 @@ def synthesize_volume(generator: ResnetGenerator, seg: np.ndarray, brain: np.nda
     return out
 
 
-def synthesize_cases(generator: ResnetGenerator, data_root: str | Path, out_dir: str | Path,
+def resample_volume(images: dict[str, np.ndarray], brain: np.ndarray, modalities: Sequence[str],
+                    image_size: int) -> dict[str, np.ndarray]:
+    """The real ``images`` as the GAN sees them: normalised as its training slices, each axial slice
+    resized to ``image_size`` and back, written like a synthetic volume (int16 in ``[0, INTENSITY_SCALE]``).
+
+    A segmentation network trained on these is the ceiling of one trained on synthetic images:
+    what is lost here is lost to resolution and normalisation, not to the generator.
+    """
+    h, w, _ = brain.shape
+    out = {}
+    for m in modalities:
+        norm = np.moveaxis(normalise_volume(images[m], brain), -1, 0)[:, None]  # (D, 1, H, W) in [-1, 1]
+        back = resize_slices(resize_slices(norm, image_size, nearest=False), (h, w), nearest=False)[:, 0]
+        img = np.clip((np.moveaxis(back, 0, -1) + 1) / 2, 0, 1) * INTENSITY_SCALE * brain
+        out[m] = np.round(img).astype(np.int16)
+    return out
+
+
+def synthesize_cases(generator: ResnetGenerator | None, data_root: str | Path, out_dir: str | Path,
                      modalities: Sequence[str], image_size: int, split: str = "test", grades: Sequence[str] = ("HGG",),
                      keep_real: bool = False, real_modalities: dict[str, Sequence[str]] | None = None,
                      progress: bool = True, centres: Sequence[str] | None = None) -> dict[str, Any]:
     """Write complete cases for the masks of ``data_root`` into ``out_dir`` (BraTS layout + datalist).
 
     Args:
-        generator: trained generator holding ``modalities``.
+        generator: trained generator holding ``modalities``; ``None``: the real images at the
+            generator's resolution instead (:func:`resample_volume`, the synthetic rows' ceiling).
         data_root: BraTS-layout folder; each case needs its seg and at least one image (for the
             brain mask).
         out_dir: output root: ``out_dir/<grade>/<case>/<case>_<suffix>.nii.gz`` and
@@ -104,7 +124,10 @@ def synthesize_cases(generator: ResnetGenerator, data_root: str | Path, out_dir:
         fake = [m for m in modalities if m not in real]
         case_dir = out_dir / record.grade / record.case_id
         case_dir.mkdir(parents=True, exist_ok=True)
-        generated = synthesize_volume(generator, seg, brain, fake, image_size) if fake else {}
+        if generator is None:
+            generated = resample_volume(images, brain, fake, image_size)
+        else:
+            generated = synthesize_volume(generator, seg, brain, fake, image_size) if fake else {}
         paths = {}
         for m in modalities:
             paths[m] = case_dir / f"{record.case_id}_{config.MODALITY_SUFFIX[m]}.nii.gz"

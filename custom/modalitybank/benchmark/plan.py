@@ -60,7 +60,8 @@ class Row:
         centres: data centres whose cases it uses (``None``: all).
         present: modalities the row's real cases hold (``None``: all of the table's); the others
             are blanked by the bundle's ``FillMissingModalitiesd``.
-        generator: ``bank`` or ``asyndgan`` for synthetic / completed rows.
+        generator: ``bank`` or ``asyndgan`` for synthetic / completed rows; ``resampled``: the real
+            images at the generator's resolution (no GAN: the ceiling of the synthetic rows).
         source: the source set the bank's base was pre-trained on (``lgg``, ``hgg``, ``nonbrain``).
     """
 
@@ -77,8 +78,8 @@ class Row:
         """The GAN stage this row's images come from (``None`` for real / FedAvg rows)."""
         if self.generator is None:
             return None
-        if self.generator == "asyndgan":
-            return f"asyndgan-{self.experiment}"
+        if self.generator in ("asyndgan", "resampled"):
+            return f"{self.generator}-{self.experiment}"
         return f"bank-{self.experiment}-{self.source}"
 
     @property

@@ -23,6 +23,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from modalitybank import config
 from modalitybank.benchmark import segment
 from modalitybank.benchmark.plan import Budget, Row, Table, load_table
 from modalitybank.benchmark.results import write_results
@@ -65,7 +66,9 @@ class Benchmark:
             for row in self.table.rows:
                 if row.generator == "bank":
                     plan.append(("pretrain", f"pretrain/{row.source}"))
-                if row.generator:
+                if row.generator == "resampled":
+                    plan.append(("synth", self._synth_name(row, 0)))
+                elif row.generator:
                     plan += [("gan", self._gan_name(row, seed)), ("synth", self._synth_name(row, seed))]
                 plan.append(("fedavg" if row.train == "fedavg" else "seg", self._seg_name(row, seed)))
         return list(dict.fromkeys(plan))
@@ -119,10 +122,17 @@ class Benchmark:
         return Path(self.stages.run("gan", self._gan_name(row, seed), learn)["checkpoint"])
 
     def synthetic_datalist(self, row: Row, seed: int) -> str:
-        from modalitybank.synthesis import synthesize_run
+        from modalitybank.synthesis import synthesize_cases, synthesize_run
 
-        checkpoint = self.generator(row, seed)
         completed = row.train == "completed"
+        if row.generator == "resampled":
+            def resample(folder: Path) -> dict[str, Any]:
+                size = config.preset(self.scale)["slices"]["image_size"]
+                return synthesize_cases(None, self.data, folder, self.table.modalities, size, split=self.train_split,
+                                        centres=row.centres, progress=False)
+
+            return self.stages.run("synth", self._synth_name(row, 0), resample)["datalist"]
+        checkpoint = self.generator(row, seed)
 
         def synthesize(folder: Path) -> dict[str, Any]:
             return synthesize_run(checkpoint, self.data, folder, self.table.modalities,
