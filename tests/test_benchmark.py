@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -130,10 +131,18 @@ def test_benchmark_table_1_end_to_end_at_tiny(phantom_root: Path, tmp_path: Path
     FedAvg-All; the segmentation bundle for every row; every row and column present and finite."""
     from modalitybank.cli import main
 
+    # the user's layout: a training folder and a separate folder whose cases all form the test set
+    splits = json.loads((phantom_root / "splits.json").read_text())
+    train, test = tmp_path / "train", tmp_path / "test"
+    for folder, cases in ((train, splits["train"]), (test, splits["test"])):
+        for case in cases:
+            if (phantom_root / "HGG" / case).is_dir():
+                shutil.copytree(phantom_root / "HGG" / case, folder / "HGG" / case)
+    shutil.copytree(phantom_root / "LGG", train / "LGG")  # the pre-training source set
     work = tmp_path / "bench"
-    code = main(["benchmark", "--table", "1", "--scale", "tiny", "--data", str(phantom_root), "--workdir", str(work),
-                 "--gan-iterations", "6", "--json", "--quiet"])
-    assert code == 0
+    args = ["benchmark", "--table", "1", "--scale", "tiny", "--data", str(train), "--test-data", str(test),
+            "--workdir", str(work), "--gan-iterations", "6", "--json", "--quiet"]
+    assert main(args) == 0
     result = json.loads((work / "table1.json").read_text())
     names = [r.name for r in load_table(1).rows]
     assert list(result["rows"]) == names
@@ -141,7 +150,7 @@ def test_benchmark_table_1_end_to_end_at_tiny(phantom_root: Path, tmp_path: Path
         for k in ("dice", "dice_std", "sens", "spec"):
             assert math.isfinite(row[k]) and 0.0 <= row[k] <= 1.0, (name, k, row[k])
         assert math.isfinite(row["hd95"]) or row["dice"] == 0.0, (name, row)
-        assert row["cases"] == len(json.loads((phantom_root / "splits.json").read_text())["test"])
+        assert row["cases"] == len(splits["test"])
     for gan in result["generators"].values():
         assert gan["accepted_iterations"] == 6 and len(gan["sites"]) == 3
     text = (work / "table1.md").read_text()
@@ -149,9 +158,10 @@ def test_benchmark_table_1_end_to_end_at_tiny(phantom_root: Path, tmp_path: Path
     assert (work / "table1.csv").read_text().count("\n") == len(names) + 1
     for fig in ("table1_dice.png", "table1_examples.png"):
         assert (work / fig).stat().st_size > 10_000
+    cases = (work / "table1_cases.csv").read_text()
+    assert all(case in cases for case in splits["test"])
     # a second run finds every stage done and only rewrites the table
-    assert main(["benchmark", "--table", "1", "--scale", "tiny", "--data", str(phantom_root), "--workdir",
-                 str(work), "--gan-iterations", "6", "--json", "--quiet"]) == 0
+    assert main(args) == 0
     again = json.loads((work / "table1.json").read_text())
     assert all(s["reused"] for s in again["stages"].values())
     assert again["rows"] == result["rows"]

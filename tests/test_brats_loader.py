@@ -206,6 +206,21 @@ def test_extract_slices_resize_and_selection(root: Path) -> None:
     assert none["image"].shape == (0, 1, 16, 16) and none["label"].shape == (0, 16, 16)
 
 
+def test_extract_slices_adds_tumour_free_slices_when_asked(root: Path) -> None:
+    rec = brats.scan_cases(root)[0]
+    images, seg, _ = brats.load_case(rec, ["t1c"])
+    free = [k for k in range(SHAPE[2]) if k not in TUMOUR_SLICES and images["t1c"][:, :, k].any()]
+    both = brats.extract_slices(images, seg, ["t1c"], 16, 0.01, background_slices=2)
+    picked = [k for k in both["slice_index"].tolist() if k not in TUMOUR_SLICES]
+    assert len(picked) == 2 and set(picked) <= set(free)
+    assert picked == [free[0], free[-1]]  # evenly spread: the lowest and the highest
+    assert both["slice_index"].tolist() == sorted(both["slice_index"].tolist())
+    for k, label in zip(both["slice_index"].tolist(), both["label"], strict=True):
+        assert (label.any()) == (k in TUMOUR_SLICES)
+    every = brats.extract_slices(images, seg, ["t1c"], 16, 0.01, background_slices=100)
+    assert sorted(every["slice_index"].tolist()) == sorted([*TUMOUR_SLICES, *free])
+
+
 # ------------------------------------------------------------------ cache
 
 

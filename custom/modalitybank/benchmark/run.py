@@ -17,7 +17,6 @@ Stages, each computed once in the workdir and shared by the rows and tables that
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -176,8 +175,11 @@ class Benchmark:
                         num_rounds=self.budget.fedavg_rounds, local_iterations=self.budget.local_iterations,
                         seed=seed, num_samples=self.budget.num_samples, learning_rate=self.budget.learning_rate,
                         batch_size=self.budget.batch_size)
-        (folder / "models").mkdir(exist_ok=True)
-        shutil.copyfile(fl["model"], folder / "models" / "model.pt")
+        import torch
+
+        (folder / "models").mkdir(exist_ok=True)  # NVFlare's {"model": state, "train_conf": ..} -> the bundle's layout
+        state = torch.load(fl["model"], map_location="cpu", weights_only=True)["model"]
+        torch.save(state, folder / "models" / "model.pt")
         return folder / "models"
 
     def example_case(self) -> dict[str, Any]:

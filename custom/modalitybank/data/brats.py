@@ -74,7 +74,8 @@ class SiteDataset(torch.utils.data.Dataset):
 
     ``dataset[i]`` is ``{"image": (C, S, S) float32, "label": (S, S) uint8, "brain": (S, S) uint8}``.
     Attributes ``modalities`` (tuple), ``records`` and ``case_ids`` (the cases of this site and split,
-    sorted), ``centre``, ``split``, ``root``. ``cases`` keeps only those case ids; ``suffixes`` maps
+    sorted), ``centre``, ``split``, ``root``. ``background_slices_per_case`` adds that many tumour-free
+    slices per case (:func:`~modalitybank.data.slices.extract_slices`). ``cases`` keeps only those case ids; ``suffixes`` maps
     modality names to other file-name suffixes (:func:`scan_cases`). Raises :class:`BratsDataError` if
     there is no slice.
     """
@@ -89,6 +90,7 @@ class SiteDataset(torch.utils.data.Dataset):
         image_size: int = 64,
         min_tumour_fraction: float = 0.01,
         max_slices_per_case: int = 0,
+        background_slices_per_case: int = 0,
         cache_dir: str | os.PathLike[str] | None = None,
         n_test: int = 40,
         seed: int = 0,
@@ -119,12 +121,12 @@ class SiteDataset(torch.utils.data.Dataset):
         parts: list[dict[str, np.ndarray]] = []
         for rec in it:
             if cache is not None:
-                out = cache.get(rec, self.modalities, self.image_size, min_tumour_fraction, max_slices_per_case)
+                out = cache.get(rec, self.modalities, self.image_size, min_tumour_fraction, max_slices_per_case,
+                                background_slices_per_case)
             else:
                 images, seg, _ = load_case(rec, self.modalities)
-                out = extract_slices(
-                    images, seg, self.modalities, self.image_size, min_tumour_fraction, max_slices_per_case
-                )
+                out = extract_slices(images, seg, self.modalities, self.image_size, min_tumour_fraction,
+                                     max_slices_per_case, background_slices_per_case)
             parts.append(out)
         n = sum(len(p["slice_index"]) for p in parts)
         if n == 0:
@@ -160,6 +162,7 @@ def _slice_kwargs(scale: str, kw: dict[str, Any]) -> dict[str, Any]:
         "image_size": sl["image_size"],
         "min_tumour_fraction": sl["min_tumour_fraction"],
         "max_slices_per_case": sl["max_slices_per_case"],
+        "background_slices_per_case": sl.get("background_slices_per_case", 0),
     }
     out.update(kw)  # explicit keyword arguments override the preset
     return out

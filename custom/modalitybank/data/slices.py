@@ -26,6 +26,10 @@ _CACHE_FORMAT = 1
 # ----------------------------------------------------------------------------------------------
 
 
+#: A tumour-free slice is a training slice only if its brain is at least this fraction of the case's largest.
+MIN_BACKGROUND_BRAIN = 0.05
+
+
 def resize_slices(x: np.ndarray, size: int | tuple[int, int], *, nearest: bool) -> np.ndarray:
     """Resize ``x`` (N, C, H, W) to (N, C, *size); nearest for labels, antialiased for images."""
     n, c, h, w = x.shape
@@ -70,13 +74,17 @@ def extract_slices(
     image_size: int,
     min_tumour_fraction: float,
     max_slices: int = 0,
+    background_slices: int = 0,
 ) -> dict[str, np.ndarray]:
-    """Axial tumour slices of one case, normalised and resized.
+    """Axial tumour slices of one case (and, optionally, tumour-free ones), normalised and resized.
 
     ``images[m]``: (H, W, D) per modality; ``seg``: (H, W, D). A slice ``k`` (last axis) is kept if
     its tumour area (``seg > 0``) is non-zero and at least ``min_tumour_fraction`` of its brain area
     (brain = any of ``modalities`` > 0). With ``max_slices > 0`` at most that many, evenly spaced
-    among the kept ones (deterministic).
+    among the kept ones (deterministic). With ``background_slices > 0``, also that many tumour-free
+    slices, evenly spaced over the case's brain slices (those with at least
+    :data:`MIN_BACKGROUND_BRAIN` of the largest brain area): a generator that synthesises whole
+    volumes must have seen the slices above and below the tumour too.
 
     Returns ``{"image": (N, C, S, S) float32 in [-1, 1] (C = len(modalities), in that order;
     background -1), "label": (N, S, S) uint8 in {0, 1, 2, 4}, "brain": (N, S, S) uint8 in {0, 1},
@@ -104,6 +112,11 @@ def extract_slices(
     if max_slices and max_slices > 0 and len(idx) > max_slices:
         pick = np.round(np.linspace(0, len(idx) - 1, int(max_slices))).astype(np.int64)
         idx = idx[pick]
+    if background_slices > 0:
+        free = np.flatnonzero((tumour_area == 0) & (brain_area >= MIN_BACKGROUND_BRAIN * brain_area.max()))
+        if len(free) > background_slices:
+            free = free[np.round(np.linspace(0, len(free) - 1, int(background_slices))).astype(np.int64)]
+        idx = np.sort(np.concatenate([idx, free]))
 
     if len(idx) == 0:
         return {
@@ -159,6 +172,7 @@ class SliceCache:
         image_size: int,
         min_tumour_fraction: float,
         max_slices: int = 0,
+        background_slices: int = 0,
     ) -> str:
         files = []
         for k in (*modalities, "seg"):
@@ -177,6 +191,7 @@ class SliceCache:
                 "image_size": int(image_size),
                 "min_tumour_fraction": float(min_tumour_fraction),
                 "max_slices": int(max_slices),
+                **({"background_slices": int(background_slices)} if background_slices else {}),
             },
             sort_keys=True,
         )
@@ -224,10 +239,11 @@ class SliceCache:
         image_size: int,
         min_tumour_fraction: float,
         max_slices: int = 0,
+        background_slices: int = 0,
     ) -> dict[str, np.ndarray]:
         """``extract_slices(*load_case(record, modalities)[:2], ...)``, from the cache when valid."""
         modalities = _check_modalities(modalities)
-        key = self.key(record, modalities, image_size, min_tumour_fraction, max_slices)
+        key = self.key(record, modalities, image_size, min_tumour_fraction, max_slices, background_slices)
         path = self.path(record, key)
         cached = self._read(path, len(modalities), int(image_size))
         if cached is not None:
@@ -235,7 +251,7 @@ class SliceCache:
             return cached
         self.misses += 1
         images, seg, _ = load_case(record, modalities)
-        out = extract_slices(images, seg, modalities, image_size, min_tumour_fraction, max_slices)
+        out = extract_slices(images, seg, modalities, image_size, min_tumour_fraction, max_slices, background_slices)
         self._write(path, out)
         return out
 
