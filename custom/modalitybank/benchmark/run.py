@@ -160,9 +160,11 @@ class Benchmark:
                 models = segment.train(datalist or self.real_datalist(row, folder), folder, self.table.modalities,
                                        self.budget, seed).parent
             trained = time.perf_counter() - start
-            metrics = segment.evaluate(models, self.test_root, self.val_split, folder / "eval", self.table.modalities)
-            case = self.example_case()
-            segment.example_prediction(models, case["image"], case["label"], self.table.modalities, folder)
+            present = row.present if row.train == "real" else None  # a network trained without a modality is
+            metrics = segment.evaluate(models, self.test_root, self.val_split, folder / "eval",  # tested without it
+                                       self.table.modalities, present)
+            case = self.example_case(present)
+            segment.example_prediction(models, case, self.table.modalities, folder)
             return {**metrics, "train_seconds": round(trained, 1), "example_case": case["case"]}
 
         kind = "fedavg" if row.train == "fedavg" else "seg"
@@ -182,11 +184,12 @@ class Benchmark:
         torch.save(state, folder / "models" / "model.pt")
         return folder / "models"
 
-    def example_case(self) -> dict[str, Any]:
+    def example_case(self, present: Sequence[str] | None = None) -> dict[str, Any]:
         """The first held-out test case: the one every row's example segmentation shows."""
         from modalitybank.bundle.segmentation import brats_datalist
 
-        cases = brats_datalist(self.test_root, self.table.modalities, sections={"test": self.val_split})["test"]
+        cases = brats_datalist(self.test_root, self.table.modalities, sections={"test": self.val_split},
+                               present=present)["test"]
         if not cases:
             raise ValueError(f"{self.test_root}: no test cases (split {self.val_split!r})")
         return cases[0]

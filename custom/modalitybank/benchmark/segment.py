@@ -66,12 +66,24 @@ def train(datalist: str | Path, out: Path, modalities: Sequence[str], budget: Bu
     return model
 
 
-def evaluate(models: Path, test_data: str | Path, val_split: str, out: Path, modalities: Sequence[str]) -> dict[str, Any]:
+def evaluate(models: Path, test_data: str | Path, val_split: str, out: Path, modalities: Sequence[str],
+             present: Sequence[str] | None = None) -> dict[str, Any]:
     """Evaluate ``models/model.pt`` on the test cases; per-case and mean metrics (dice/sens/spec as
-    fractions, hd95 in mm) as ``{"per_case": {case: {metric: v}}, "mean": {...}, "std": {...}}``."""
+    fractions, hd95 in mm) as ``{"per_case": {case: {metric: v}}, "mean": {...}, "std": {...}}``.
+
+    ``present``: the modalities the network was trained with; the others are blanked in the test
+    cases too (the same ``FillMissingModalitiesd``), as a hospital without them would deploy it.
+    """
+    from modalitybank.bundle.segmentation import brats_datalist
+
+    extra = {}
+    if present is not None:
+        datalist = out / "test_datalist.json"
+        brats_datalist(test_data, modalities, datalist, sections={"validation": val_split}, present=present)
+        extra["val_datalist"] = str(datalist)
     bundle_command(["train.json", "evaluate.json"], out / "evaluate.log", ckpt_dir=str(models),
                    output_dir=str(out), val_dataset_dir=str(test_data), val_split=val_split,
-                   modalities=list(modalities))
+                   modalities=list(modalities), **extra)
     raw = json.loads((out / "metrics.json").read_text())["per_case"]
     cases = sorted(raw[METRICS["dice"]])
     per_case = {c: {k: float(raw[m][c]) for k, m in METRICS.items()} for c in cases}
@@ -89,10 +101,10 @@ def summarise(per_case: dict[str, dict[str, float]]) -> dict[str, dict[str, floa
     return {"mean": mean, "std": std}
 
 
-def example_prediction(models: Path, image_files: Sequence[str], label_file: str, modalities: Sequence[str],
-                       out: Path) -> Path:
-    """The row's prediction for one test case through the bundle's evaluation preprocessing and
-    inferer, saved with the image and label of the slice with the most tumour (``example.npz``)."""
+def example_prediction(models: Path, case: dict[str, Any], modalities: Sequence[str], out: Path) -> Path:
+    """The row's prediction for one test case (a datalist entry: ``image``, ``label``, optional
+    ``missing``) through the bundle's evaluation preprocessing and inferer, saved with the image and
+    label of the slice with the most tumour (``example.npz``)."""
     import torch
     from monai.bundle import ConfigParser
 
@@ -103,7 +115,8 @@ def example_prediction(models: Path, image_files: Sequence[str], label_file: str
     net = parser.get_parsed_content("network_def")
     net.load_state_dict(torch.load(models / "model.pt", map_location="cpu", weights_only=True))
     net.eval()
-    item = parser.get_parsed_content("validate#preprocessing")({"image": list(image_files), "label": label_file})
+    item = parser.get_parsed_content("validate#preprocessing")(
+        {k: case[k] for k in ("image", "label", "missing") if k in case})
     inferer = parser.get_parsed_content("validate#inferer")
     with torch.no_grad():
         pred = inferer(item["image"][None].float(), net).argmax(1)[0].numpy()
