@@ -11,6 +11,7 @@ the correctness reference and the speed anchor for the federated version.
 
 from __future__ import annotations
 
+import importlib
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
@@ -222,8 +223,8 @@ def pretrain(run_dir: str | Path, data_root: str | Path, scale: str = "tiny", ca
             source's ``base_modality`` (``cine`` for ``nonbrain``).
         overrides: :class:`TrainSettings` fields (``iterations``, ``seed``, ...).
     """
-    from modalitybank.data.sources import resolve_source_root
-
+    # through importlib: the source builders (phantom, cardiac) are not traced into a job's custom/ code
+    resolve_source_root = importlib.import_module("modalitybank.data.sources").resolve_source_root
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     settings = TrainSettings.from_preset(scale, "pretrain", **overrides)

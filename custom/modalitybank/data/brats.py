@@ -16,6 +16,7 @@ offending file (or folder) and what is wrong with it.
 
 from __future__ import annotations
 
+import importlib
 import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -206,8 +207,8 @@ def source_dataset(
     built here). The dataset's ``modalities`` name the loader's slot (``t1c``); the pre-trained base's
     name for its images is the source's ``base_modality``.
     """
-    from .sources import resolve_source_root
-
+    # through importlib: the source builders (phantom, cardiac) are not traced into a job's custom/ code
+    resolve_source_root = importlib.import_module("modalitybank.data.sources").resolve_source_root
     pre = config.experiment("pretrain") if source == "lgg" else config.pretrain_source(source)
     root = resolve_source_root(root, source)
     args = _slice_kwargs(scale, kw)
