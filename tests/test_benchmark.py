@@ -151,6 +151,7 @@ def test_benchmark_table_1_end_to_end_at_tiny(phantom_root: Path, tmp_path: Path
             assert math.isfinite(row[k]) and 0.0 <= row[k] <= 1.0, (name, k, row[k])
         assert math.isfinite(row["hd95"]) or row["dice"] == 0.0, (name, row)
         assert row["cases"] == len(splits["test"])
+    assert sorted(result["generators"]) == ["gan/asyndgan-multimodal-seed0", "gan/bank-multimodal-lgg-seed0"]
     for gan in result["generators"].values():
         assert gan["accepted_iterations"] == 6 and len(gan["sites"]) == 3
     text = (work / "table1.md").read_text()

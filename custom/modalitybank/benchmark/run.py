@@ -202,7 +202,7 @@ class Benchmark:
         for seed in self.seeds:
             for row in self.table.rows:
                 results.setdefault(row.name, []).append(self.segment(row, seed))
-        gans = {n: s["result"] for n, _ in self.stages.planned if n.startswith("gan/") and (s := self.stages.done(n))}
+        gans = {n: s["result"] for _, n in self.stages.planned if n.startswith("gan/") and (s := self.stages.done(n))}
         return write_results(self.table, self.work, results, gans, self.stages.summary(),
                              seconds=time.perf_counter() - start, scale=self.scale,
                              example_modality=_example_modality(self.table.modalities))
