@@ -6,14 +6,19 @@ project file's are taken) and stops them itself, on failure too.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
+import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
 
 from modalitybank import config
+from modalitybank.data.sites import split_sites
 from modalitybank.fl.deploy import SITES, drop_unsubmittable, run_poc, run_provisioned
+from modalitybank.fl.jobs import simulate
 from modalitybank.fl.policy import PACKAGE_PREFIX
 from modalitybank.fl.trust import foreign_ca_check
 from modalitybank.resources import shared_dir
@@ -74,6 +79,47 @@ def test_poc_job_in_which_no_site_joins_fails_with_the_reasons(pretrained, tmp_p
     assert "0 of 3 sites joined" in str(failed.value)  # the reason, from the run.json of the downloaded job
     # the server names each site and its error code; the detail (the path) stays in the site's own log
     assert "hospital-a: EXECUTION_EXCEPTION: data_error" in str(failed.value)
+
+
+def _entry_hashes(folder: Path) -> dict[str, str]:
+    return {p.stem: hashlib.sha256(p.read_bytes()).hexdigest() for p in (folder / "entries").glob("*.pt")}
+
+
+def test_poc_modality_that_joins_later_with_each_site_reading_its_own_folder(phantom_root, cache_dir, pretrained,
+                                                                              tmp_path) -> None:
+    """`modalitybank fl poc --resume-from --add-modality t1 --site-config`: the bank of a finished T1c + T2 + FLAIR
+    run gets a T1 entry from the hospitals that scanned T1 (each reading its own folder from its kit's local/);
+    the existing entries stay bit-identical, a hospital without T1 gets no fakes."""
+    first = simulate("modalitybank_missing_modality", tmp_path / "first", scale="tiny", rounds=2, progress=False,
+                     data_root=str(phantom_root), cache_dir=str(cache_dir), pretrained=str(pretrained))
+    before = _entry_hashes(Path(first["checkpoint"]))
+    folders = split_sites(phantom_root, tmp_path / "sites", list(SITES), grades=("HGG",))
+    no_t1 = SITES[-1]
+    for case in folders[no_t1].glob("*/*"):  # this hospital never scanned T1
+        target = case.resolve()
+        case.unlink()
+        shutil.copytree(target, case, ignore=shutil.ignore_patterns("*_t1.nii.gz"))
+    site_config = json.loads((tmp_path / "sites" / "modalitybank_site.json").read_text())
+    site_config["default"] = {"cache_dir": str(cache_dir)}
+    (tmp_path / "site_config.json").write_text(json.dumps(site_config))
+
+    proc = subprocess.run(["modalitybank", "fl", "poc", "--workdir", str(tmp_path / "poc-run"), "--job",
+                           "modalitybank_multimodal", "--scale", "tiny", "--rounds", "2", "--resume-from",
+                           first["checkpoint"], "--add-modality", "t1", "--site-config",
+                           str(tmp_path / "site_config.json"), "--quiet", "--json"],
+                          capture_output=True, text=True, timeout=1200)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    with_t1 = [s for s in SITES if s != no_t1]
+    assert result["rounds"] == 2 and result["sites"] == with_t1
+    after = _entry_hashes(Path(result["checkpoint"]))
+    assert sorted(after) == ["flair", "t1", "t1c", "t2"] and all(after[m] == before[m] for m in before)
+    sent = [json.loads(line) for line in Path(result["ledgers"][0]).read_text().splitlines()]  # the server's
+    assert {(e["site"], e["key"]) for e in sent if e["direction"] == "sent" and e["key"]} == \
+        {(s, "fake/t1") for s in with_t1}
+    for site in SITES:  # each site read its own folder, named in its log
+        log = next((tmp_path / "poc-run" / "poc").rglob(f"{site}/{result['job_id']}/log.txt")).read_text()
+        assert str(folders[site]) in log
 
 
 def test_provisioned_federation(phantom_root, pretrained, tmp_path) -> None:

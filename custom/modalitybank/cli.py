@@ -71,6 +71,15 @@ def cmd_train_local(a: argparse.Namespace) -> dict[str, Any]:
     return {**result, "quality": report["quality"], "figure": report["figure"], "loss_curves": report["loss_curves"]}
 
 
+def cmd_report(a: argparse.Namespace) -> dict[str, Any]:
+    from modalitybank.data.default import default_phantom
+    from modalitybank.report import report_run
+
+    data = a.data or default_phantom(a.scale)
+    cache = a.cache_dir or (DEFAULT_CACHE if a.data is None else None)
+    return report_run(a.generator, data, a.scale, a.experiment, cache_dir=cache, modalities=a.modality)
+
+
 def cmd_synthesize(a: argparse.Namespace) -> dict[str, Any]:
     from modalitybank.synthesis import synthesize_run
 
@@ -100,12 +109,9 @@ def cmd_fl_simulate(a: argparse.Namespace) -> dict[str, Any]:
 
     result = simulate(a.job, a.workdir, scale=a.scale, rounds=a.rounds, n_clients=a.n_clients, progress=not a.quiet,
                       with_code=a.with_code, clients=a.clients.split(",") if a.clients else None,
-                      site_config=a.site_config, data_root=str(a.data.resolve()) if a.data else None,
+                      data_root=str(a.data.resolve()) if a.data else None,
                       cache_dir=str(a.cache_dir.resolve()) if a.cache_dir else None, wire_dtype=a.wire_dtype,
-                      pretrained=str(a.pretrained.resolve()) if a.pretrained else None,
-                      resume_from=str(a.resume_from.resolve()) if a.resume_from else None,
-                      add_modalities=",".join(a.add_modality) if a.add_modality else None,
-                      keep_learning=a.keep_learning or None)
+                      pretrained=str(a.pretrained.resolve()) if a.pretrained else None, **_lifelong(a))
     result.pop("log")
     return result
 
@@ -121,7 +127,8 @@ def _fl_deploy(run: Any, a: argparse.Namespace) -> dict[str, Any]:
     result = run(a.workdir, a.job, scale=a.scale, rounds=a.rounds, ports=tuple(a.ports) if a.ports else None,
                  timeout=a.timeout, progress=not a.quiet, data_root=str(a.data.resolve()) if a.data else None,
                  cache_dir=str(a.cache_dir.resolve()) if a.cache_dir else None,
-                 pretrained=str(a.pretrained.resolve()) if a.pretrained else None, with_code=a.with_code)
+                 pretrained=str(a.pretrained.resolve()) if a.pretrained else None, with_code=a.with_code,
+                 **_lifelong(a))
     return {k: result[k] for k in ("checkpoint", "ledgers", "rounds", "sites", "seconds", "job_id")}
 
 
@@ -203,6 +210,24 @@ def _common(p: argparse.ArgumentParser, data: bool = True, run_dir: bool = True)
     p.add_argument("--json", action="store_true", help="print one JSON object as the last line")
 
 
+def _lifelong_arguments(p: argparse.ArgumentParser) -> None:
+    """The flags of a federation that grows: a bank continued with new entries, the sites' own settings."""
+    p.add_argument("--resume-from", type=Path, default=None,
+                   help="a finished generator (checkpoint folder) whose bank gets new entries; the others stay frozen")
+    p.add_argument("--add-modality", action="append", default=None, help="a new bank entry to learn (repeatable)")
+    p.add_argument("--keep-learning", action="store_true",
+                   help="with --resume-from: the existing entries of the job's modalities learn on too")
+    p.add_argument("--site-config", type=Path, default=None,
+                   help="the sites' own settings (modalitybank_site.json, e.g. from `modalitybank data split`), "
+                   "put where each site reads them (its local/ folder)")
+
+
+def _lifelong(a: argparse.Namespace) -> dict[str, Any]:
+    return {"resume_from": str(a.resume_from.resolve()) if a.resume_from else None,
+            "add_modalities": ",".join(a.add_modality) if a.add_modality else None,
+            "keep_learning": a.keep_learning or None, "site_config": a.site_config}
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="modalitybank", description=__doc__.splitlines()[0] + " ModalityBank: "
                                      "a central mask-to-image generator with one mAdaFM bank entry per modality.")
@@ -250,6 +275,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--baseline", choices=["asyndgan"], default=None,
                    help="train the AsynDGAN baseline (one multi-channel generator, no bank) instead")
     p.set_defaults(fn=cmd_train_local)
+
+    p = sub.add_parser("report", help="held-out image quality (L1 / PSNR / SSIM) of every modality a generator makes "
+                       "(an entry added later included), its Fig. 2/3 grid and loss curves, into its folder")
+    p.add_argument("generator", type=Path, help="generator folder (a run's checkpoint, with generator.json)")
+    p.add_argument("--data", type=Path, default=None, help="BraTS-layout folder with the test cases (default: the "
+                   "phantom of --scale)")
+    p.add_argument("--scale", default="tiny", choices=config.scales())
+    p.add_argument("--experiment", default="multimodal", choices=config.experiments(),
+                   help="which modalities each site of the figure holds")
+    p.add_argument("--modality", action="append", default=None, help="evaluate only these (repeatable)")
+    p.add_argument("--cache-dir", type=Path, default=None)
+    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(fn=cmd_report)
 
     p = sub.add_parser("synthesize", help="masks -> complete multi-modality cases (NIfTI, BraTS layout) + datalist")
     p.add_argument("--generator", type=Path, required=True, help="run dir holding generator.json")
@@ -305,13 +344,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pretrained", type=Path, default=None, help="pre-trained generator folder (default: built once)")
     p.add_argument("--n-clients", type=int, default=3)
     p.add_argument("--clients", default=None, help="comma-separated site names (instead of site-1..N)")
-    p.add_argument("--resume-from", type=Path, default=None,
-                   help="a finished generator (checkpoint folder) whose bank gets new entries; the others stay frozen")
-    p.add_argument("--add-modality", action="append", default=None, help="a new bank entry to learn (repeatable)")
-    p.add_argument("--keep-learning", action="store_true",
-                   help="with --resume-from: the existing entries of the job's modalities learn on too")
-    p.add_argument("--site-config", type=Path, default=None,
-                   help="the sites' own settings (modalitybank_site.json, e.g. from `modalitybank data split`)")
+    _lifelong_arguments(p)
     p.add_argument("--wire-dtype", choices=["float32", "float16"], default=None)
     p.add_argument("--with-code", action="store_true", help="carry the package's runtime in the job's custom/ "
                    "(the way for sites without the package)")
@@ -345,6 +378,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--timeout", type=float, default=1800.0, help="seconds the job may take")
         p.add_argument("--with-code", action="store_true", help="submit the job carrying its code (sites allow BYOC); "
                        "default: configuration only, the sites' allow-list admits the installed package")
+        _lifelong_arguments(p)
         p.add_argument("--quiet", action="store_true")
         p.add_argument("--json", action="store_true")
         p.set_defaults(fn=fn)

@@ -12,20 +12,31 @@ from modalitybank.figures import loss_curves, modality_grid
 from modalitybank.store import load_generator, read_info
 from modalitybank.synthesis import evaluate_generator
 
-__all__ = ["report_run"]
+__all__ = ["generated_modalities", "report_run"]
+
+
+def generated_modalities(run_dir: str | Path) -> list[str]:
+    """The modalities the generator of ``run_dir`` makes: its bank entries (an entry added later included), or
+    the output channels of a plain (AsynDGAN) generator; in the order of ``config.MODALITIES``."""
+    info = read_info(run_dir)
+    made = set(info.get("modalities") or info.get("architecture", {}).get("output_modalities") or [])
+    return [m for m in config.MODALITIES if m in made]
 
 
 def report_run(run_dir: str | Path, data_root: str | Path, scale: str, experiment: str,
-               cache_dir: str | Path | None = None, rows_per_site: int = 2) -> dict[str, Any]:
+               cache_dir: str | Path | None = None, rows_per_site: int = 2,
+               modalities: list[str] | None = None) -> dict[str, Any]:
     """Evaluate the generator of ``run_dir`` on the held-out test cases and draw its pictures.
 
-    Writes ``metrics.json`` (per-modality L1 / PSNR / SSIM on test slices), ``fig_modalities.png``
-    (per site: mask, synthetic modalities, the site's real ones, "NA" where it has none) and
-    ``loss_curves.png``.
+    ``modalities``: those to evaluate (default: every modality the generator makes, so that an entry added
+    to the bank later is reported like the others). ``experiment`` says which modalities each site of the
+    figure holds. Writes ``metrics.json`` (per-modality L1 / PSNR / SSIM on test slices),
+    ``fig_modalities.png`` (per site: mask, synthetic modalities, the site's real ones, "NA" where it has
+    none) and ``loss_curves.png``.
     """
     run_dir = Path(run_dir)
     exp = config.experiment(experiment)
-    targets = list(exp["targets"])
+    targets = list(modalities or generated_modalities(run_dir) or exp["targets"])
     slices = config.preset(scale)["slices"]
     generator = load_generator(run_dir)
     test = SiteDataset(data_root, None, targets, split="test", cache_dir=cache_dir, image_size=slices["image_size"],

@@ -18,23 +18,22 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from modalitybank.benchmark.plan import Table  # noqa: E402
+from modalitybank.benchmark.segment import METRICS, summarise  # noqa: E402
 
 __all__ = ["row_summary", "separated_pairs", "write_results"]
 
-COLUMNS = ("dice", "sens", "spec", "hd95")
+COLUMNS = tuple(METRICS)  # dice, sens, spec, hd95
 
 
 def row_summary(seed_results: list[dict[str, Any]]) -> dict[str, Any]:
     """One row over its seeds: means over cases (pooled over seeds), the spread over cases, and
     with several seeds the spread of the per-seed means (``<metric>_seed_std``)."""
+    pooled = summarise({f"{i}/{case}": m for i, r in enumerate(seed_results) for case, m in r["per_case"].items()})
+    per_seed = [summarise(r["per_case"])["mean"] for r in seed_results]
     out: dict[str, Any] = {}
     for k in COLUMNS:
-        cases = np.array([c[k] for r in seed_results for c in r["per_case"].values()], dtype=float)
-        cases = cases[np.isfinite(cases)]
-        out[k] = float(cases.mean()) if cases.size else float("nan")
-        out[f"{k}_std"] = float(cases.std()) if cases.size else float("nan")
-        seed_means = np.array([r["mean"][k] for r in seed_results], dtype=float)
-        out[f"{k}_seed_std"] = float(np.nanstd(seed_means)) if len(seed_results) > 1 else 0.0
+        out[k], out[f"{k}_std"] = pooled["mean"][k], pooled["std"][k]
+        out[f"{k}_seed_std"] = float(np.nanstd([m[k] for m in per_seed])) if len(seed_results) > 1 else 0.0
     out["seeds"] = len(seed_results)
     out["cases"] = len(seed_results[0]["per_case"])
     return out
@@ -56,13 +55,24 @@ def _pct(x: float) -> str:
     return f"{100 * x:.1f}"
 
 
-def _markdown(table: Table, summary: Mapping[str, Mapping[str, Any]], scale: str, seconds: float) -> str:
+def _time_text(stage_times: Mapping[str, Mapping[str, Any]], seconds: float) -> str:
+    """This run's wall time and what all the table's stages took, those reused from earlier runs included."""
+    total = sum(t["seconds"] for t in stage_times.values())
+    reused = sum(t["seconds"] for t in stage_times.values() if t.get("reused"))
+    text = f"Time: all stages {total / 60:.1f} min"
+    if reused:
+        text += f" ({reused / 60:.1f} min of them computed by earlier runs in this workdir; this run {seconds / 60:.1f} min)"
+    return text + "."
+
+
+def _markdown(table: Table, summary: Mapping[str, Mapping[str, Any]], scale: str,
+              stage_times: Mapping[str, Mapping[str, Any]], seconds: float) -> str:
     seeds = next(iter(summary.values()))["seeds"]
     lines = [f"## {table.title}", "",
              f"Ours: scale `{scale}`, {next(iter(summary.values()))['cases']} held-out real test cases, "
              f"{seeds} seed(s), whole tumour; Dice/Sens/Spec in %, mean ± std over cases"
              + (" (± seed spread in brackets)" if seeds > 1 else "") + "; HD95 in mm. "
-             f"Paper: BraTS 2018, 40 test cases. Total time {seconds / 60:.1f} min.", "",
+             f"Paper: BraTS 2018, 40 test cases. {_time_text(stage_times, seconds)}", "",
              "| Method | Dice (%) ↑ | Sens (%) ↑ | Spec (%) ↑ | HD95 (mm) ↓ | paper Dice | paper HD95 |",
              "|---|---|---|---|---|---|---|"]
     for name, s in summary.items():
@@ -129,7 +139,7 @@ def write_results(table: Table, work: Path, results: Mapping[str, list[dict[str,
     """Write the table's files into ``work``; returns the benchmark's JSON summary."""
     n = table.number
     summary = {name: row_summary(seed_results) for name, seed_results in results.items()}
-    (work / f"table{n}.md").write_text(_markdown(table, summary, scale, seconds))
+    (work / f"table{n}.md").write_text(_markdown(table, summary, scale, stage_times, seconds))
     with open(work / f"table{n}.csv", "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["method", *[c for k in COLUMNS for c in (k, f"{k}_std", f"{k}_seed_std")], "seeds", "cases"])

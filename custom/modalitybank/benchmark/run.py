@@ -177,12 +177,7 @@ class Benchmark:
                         num_rounds=self.budget.fedavg_rounds, local_iterations=self.budget.local_iterations,
                         seed=seed, num_samples=self.budget.num_samples, learning_rate=self.budget.learning_rate,
                         batch_size=self.budget.batch_size)
-        import torch
-
-        (folder / "models").mkdir(exist_ok=True)  # NVFlare's {"model": state, "train_conf": ..} -> the bundle's layout
-        state = torch.load(fl["model"], map_location="cpu", weights_only=True)["model"]
-        torch.save(state, folder / "models" / "model.pt")
-        return folder / "models"
+        return Path(fl["bundle_model"]).parent
 
     def example_case(self, present: Sequence[str] | None = None) -> dict[str, Any]:
         """The first held-out test case: the one every row's example segmentation shows."""

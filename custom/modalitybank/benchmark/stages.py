@@ -60,8 +60,9 @@ class Stages:
         return result
 
     def eta(self) -> float:
-        """Seconds the stages not yet run should take, from the stages timed in this run."""
-        ran = [t for t in self.times.values() if not t["reused"]]
+        """Seconds the stages not yet run should take, from the stages timed so far (those of earlier runs in
+        the workdir too, until this run has timed one)."""
+        ran = [t for t in self.times.values() if not t["reused"]] or list(self.times.values())
         per_unit = (sum(t["seconds"] for t in ran) / sum(_COST[t["kind"]] for t in ran)) if ran else None
         left = [(k, n) for k, n in self.planned if n not in self.times and self.done(n) is None]
         return per_unit * sum(_COST[k] for k, _ in left) if per_unit else float("nan")

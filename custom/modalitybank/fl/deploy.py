@@ -47,6 +47,7 @@ from modalitybank.fl.processes import (
     nvflare,
     nvflare_command,
 )
+from modalitybank.fl.site_config import SITE_CONFIG_FILE
 from modalitybank.resources import shared_dir
 
 __all__ = ["ADMIN", "PROJECT_FILE", "SITES", "drop_unsubmittable", "prepare_kit", "provision", "run_poc",
@@ -141,14 +142,15 @@ def server_ports(project: dict[str, Any]) -> tuple[int, int]:
 
 # -- provisioned kits -----------------------------------------------------------------------
 
-def provision(project: Path, workspace: Path, env: dict[str, str], workdir: Path, with_code: bool = False) -> Path:
+def provision(project: Path, workspace: Path, env: dict[str, str], workdir: Path, with_code: bool = False,
+              site_config: str | Path | None = None) -> Path:
     """``nvflare provision``; returns the kits' folder (``workspace/<project>/prod_NN``), made ready to start."""
     nvflare(["provision", "-p", project, "-w", workspace, "--force"], env, workdir, timeout=120, as_json=False)
     name = read_project(project)["name"]
     prod = sorted((workspace / name).glob("prod_*"), key=lambda p: int(p.name.split("_")[1]))[-1]
     local_storage(prod / SERVER, workspace)
     for kit in [prod / SERVER, *(prod / s for s in SITES)]:
-        prepare_kit(kit, with_code)
+        prepare_kit(kit, with_code, site_config)
     return prod
 
 
@@ -164,11 +166,15 @@ def local_storage(server_kit: Path, root: Path) -> None:
     (local / "resources.json").write_text(json.dumps(resources, indent=2))
 
 
-def prepare_kit(kit: Path, with_code: bool) -> None:
+def prepare_kit(kit: Path, with_code: bool, site_config: str | Path | None = None) -> None:
     """A participant's local policy, as a hospital's IT would set it: the package's classes admitted
-    (``class_allow_list``), and jobs carrying code (BYOC) allowed only for ``with_code`` runs."""
+    (``class_allow_list``), jobs carrying code (BYOC) allowed only for ``with_code`` runs, and for a site
+    its own settings (``site_config``, a ``modalitybank_site.json``: data folder, privacy mode, ...) in
+    its ``local/``, where the site reads them and the job cannot set them."""
     admit_package(kit / "local")
     set_byoc(kit, allowed=with_code)
+    if site_config is not None and kit.name != SERVER:
+        shutil.copyfile(site_config, kit / "local" / SITE_CONFIG_FILE)
 
 
 def start_kit(kit: Path, env: dict[str, str], log: Path) -> subprocess.Popen:
@@ -364,10 +370,13 @@ def drop_unsubmittable(job_dir: Path) -> list[str]:
 @stoppable()
 def run_poc(workdir: str | Path, job: str | Path = "modalitybank_multimodal", scale: str | None = None,
             rounds: int | None = None, ports: tuple[int, int] | None = None, timeout: float = 1800.0,
-            progress: bool = True, with_code: bool = False, **updates: Any) -> dict[str, Any]:
+            progress: bool = True, with_code: bool = False, site_config: str | Path | None = None,
+            **updates: Any) -> dict[str, Any]:
     """A POC federation (server ``localhost``, hospital-a/b/c, the admin) in ``workdir``: run ``job`` once, stop.
 
-    ``updates`` are component arguments of the job (``data_root``, ``pretrained``, ...). Returns
+    ``updates`` are component arguments of the job (``data_root``, ``pretrained``, ``resume_from``,
+    ``add_modalities``, ...). ``site_config``: the sites' own settings, put into each site's ``local/``
+    (one file for all: ``{"default": .., "sites": {"hospital-a": ..}}``). Returns
     ``{"checkpoint", "ledgers", "rounds", "sites", "seconds", "job_id", "listening"}``.
     """
     t0 = time.perf_counter()
@@ -383,7 +392,7 @@ def run_poc(workdir: str | Path, job: str | Path = "modalitybank_multimodal", sc
         nvflare(["poc", "prepare", "-i", project, "--force"], env, workdir, timeout=120, as_json=False)
         kits = sorted((poc / name).glob("prod_*"), key=lambda p: int(p.name.split("_")[1]))[-1]
         for kit in [kits / SERVER, *(kits / s for s in SITES)]:
-            prepare_kit(kit, with_code)
+            prepare_kit(kit, with_code, site_config)
         say(progress, f"POC prepared in {poc} (ports {server_ports(read_project(project))}); starting")
         started = True
         nvflare(["poc", "start", "--timeout", "180"], env, workdir, timeout=240, as_json=False)
@@ -406,8 +415,11 @@ def run_poc(workdir: str | Path, job: str | Path = "modalitybank_multimodal", sc
 @stoppable()
 def run_provisioned(workdir: str | Path, job: str | Path = "modalitybank_multimodal", scale: str | None = None,
                     rounds: int | None = None, ports: tuple[int, int] | None = None, timeout: float = 1800.0,
-                    progress: bool = True, with_code: bool = False, **updates: Any) -> dict[str, Any]:
-    """Provision the project (mutual TLS) into ``workdir/kits``, start every kit, run ``job`` once, shut down."""
+                    progress: bool = True, with_code: bool = False, site_config: str | Path | None = None,
+                    **updates: Any) -> dict[str, Any]:
+    """Provision the project (mutual TLS) into ``workdir/kits``, start every kit, run ``job`` once, shut down.
+
+    ``updates`` and ``site_config`` as for :func:`run_poc`."""
     t0 = time.perf_counter()
     workdir, env, project, fed_port = open_workdir(workdir, ports)
     job_dir = _prepare(job, workdir, scale, rounds, updates, with_code, progress)
@@ -415,7 +427,7 @@ def run_provisioned(workdir: str | Path, job: str | Path = "modalitybank_multimo
     if root.exists():
         kill_leftovers(root, grace=0)
         shutil.rmtree(root)
-    kits = provision(project, root, env, workdir, with_code)
+    kits = provision(project, root, env, workdir, with_code, site_config)
     procs: dict[str, subprocess.Popen] = {}
     admin = kits / ADMIN
     try:

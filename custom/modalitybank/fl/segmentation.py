@@ -334,8 +334,10 @@ def run_fedavg(workdir: str | Path, experiment: str = "multimodal", data_root: s
     ``patch_size``, ``num_samples``, ``batch_size``, ``overrides``, ``cache_dir``). Each site runs
     ``local_iterations`` iterations per round, ``num_rounds × local_iterations`` in all.
 
-    Returns ``{"model": FL_global_model.pt (the global model after the last round), "sites": [...],
-    "rounds": n, "iterations": {site: total}, "seconds": s, "workspace": ..., "log": ...}``. Raises
+    Returns ``{"model": FL_global_model.pt (the global model after the last round), "bundle_model":
+    ``workdir/models/model.pt`` (the same weights in the segmentation bundle's layout, for its ``evaluate.json``
+    and MONAI Label), "sites": [...], "rounds": n, "iterations": {site: total}, "seconds": s, "workspace": ...,
+    "log": ...}``. Raises
     ``RuntimeError`` if the simulator fails or a site did not train every round.
     """
     jobs = importlib.import_module("modalitybank.fl.jobs")  # not traced into a job's custom/ code
@@ -360,5 +362,8 @@ def run_fedavg(workdir: str | Path, experiment: str = "multimodal", data_root: s
         totals[site] = sum(x["iterations"] for x in lines)
     if not model.is_file():
         raise RuntimeError(f"no global model {model}; see {out['log']}")
-    return {"model": str(model), "sites": sites, "rounds": num_rounds, "iterations": totals,
+    bundle_model = Path(workdir) / "models" / "model.pt"  # NVFlare's {"model": state, "train_conf": ..} -> state
+    bundle_model.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(torch.load(model, map_location="cpu", weights_only=True)["model"], bundle_model)
+    return {"model": str(model), "bundle_model": str(bundle_model), "sites": sites, "rounds": num_rounds, "iterations": totals,
             "seconds": out["seconds"], "workspace": str(workspace), "log": out["log"]}
