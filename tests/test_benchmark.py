@@ -13,7 +13,7 @@ import pytest
 import torch
 from monai.data import MetaTensor
 
-from modalitybank.benchmark.plan import Budget, load_table
+from modalitybank.benchmark.plan import Budget, load_table, privacy_variant
 from modalitybank.benchmark.results import row_summary, separated_pairs
 from modalitybank.bundle.seg_transforms import FillMissingModalitiesd, SpacedHausdorffDistance, voxel_spacing
 from modalitybank.bundle.segmentation import brats_datalist
@@ -114,6 +114,13 @@ def _seed(dice: list[float]) -> dict:
                                            "spec": 0.99, "hd95": 5.0}}
 
 
+def test_privacy_variant_names_the_stages_of_a_privacy_mode() -> None:
+    assert privacy_variant(None) == privacy_variant({"mode": "standard"}) == ""
+    assert privacy_variant({"mode": "adversarial"}) == "-adversarial"
+    assert privacy_variant({"mode": "dp", "epsilon": 8.0}) == "-dp-eps8"
+    assert privacy_variant({"mode": "dp", "epsilon": 1, "clip": 0.05}) == "-dp-eps1-clip0.05"
+
+
 def test_row_summary_and_differences_beyond_the_seed_spread() -> None:
     good = row_summary([_seed([0.8, 0.9]), _seed([0.82, 0.88])])
     bad = row_summary([_seed([0.5, 0.6]), _seed([0.52, 0.58])])
@@ -166,3 +173,14 @@ def test_benchmark_table_1_end_to_end_at_tiny(phantom_root: Path, tmp_path: Path
     again = json.loads((work / "table1.json").read_text())
     assert all(s["reused"] for s in again["stages"].values())
     assert again["rows"] == result["rows"]
+    # the synthetic row with every site in privacy mode `adversarial`: a new GAN in its own stages, the real row shared
+    assert main([*args, "--rows", "Real-All", "ModalityBank", "--privacy", "adversarial"]) == 0
+    private = json.loads((work / "table1-adversarial.json").read_text())
+    assert private["privacy"] == {"mode": "adversarial"} and list(private["rows"]) == ["Real-All", "ModalityBank"]
+    assert private["rows"]["Real-All"] == result["rows"]["Real-All"]
+    stages = private["stages"]
+    assert not stages["gan/bank-multimodal-lgg-seed0-adversarial"]["reused"]
+    assert stages["seg/real_multimodal-seed0"]["reused"]
+    log = (work / "gan/bank-multimodal-lgg-seed0-adversarial/simulator.log").read_text()
+    assert log.count("'mode': 'adversarial'") >= 3  # every site joined in the mode its own settings name
+    assert json.loads((work / "table1.json").read_text()) == again  # the standard table untouched

@@ -427,6 +427,13 @@ def build_parser() -> argparse.ArgumentParser:
                    "iterations (a quick look; use a fresh workdir)")
     p.add_argument("--workdir", type=Path, default=None, help="stages are computed once here and reused; an "
                    "interrupted run resumes (default: runs/benchmark-<scale>)")
+    p.add_argument("--privacy", default="standard", choices=["standard", "adversarial", "dp"],
+                   help="every site's privacy mode while the GANs learn: the synthetic rows show what it costs "
+                   "downstream (files table<N>-<mode>...)")
+    p.add_argument("--epsilon", type=float, default=None, help="with --privacy dp: each site's ε over the GAN's "
+                   "iterations (δ 1e-5)")
+    p.add_argument("--clip", type=float, default=None, help="with --privacy dp: per-example clipping norm C "
+                   "(default: the site default of modalitybank.dp)")
     p.add_argument("--quiet", action="store_true", help="no per-stage progress lines")
     p.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     p.set_defaults(fn=cmd_benchmark)
@@ -448,14 +455,20 @@ def cmd_benchmark(a: argparse.Namespace) -> dict[str, Any]:
     from modalitybank.benchmark import run_benchmark
 
     workdir = a.workdir or Path("runs") / f"benchmark-{a.scale}"
+    privacy = None
+    if a.privacy != "standard":
+        privacy = {"mode": a.privacy, **({"epsilon": a.epsilon} if a.epsilon is not None else {}),
+                   **({"clip": a.clip} if a.clip is not None else {})}
+        if a.privacy == "dp" and a.epsilon is None:
+            raise ValueError("--privacy dp needs --epsilon (the budget every site spends over the GAN's iterations)")
     result = run_benchmark(a.table, a.scale, workdir, data=a.data, test_data=a.test_data, seeds=a.seeds,
-                           rows=a.rows, progress=not a.quiet, gan_iterations=a.gan_iterations)
-    print(Path(workdir, f"table{a.table}.md").read_text(), file=sys.stderr if a.json else sys.stdout)
+                           rows=a.rows, progress=not a.quiet, gan_iterations=a.gan_iterations, privacy=privacy)
+    print(Path(result["files"]["table"]).read_text(), file=sys.stderr if a.json else sys.stdout)
     if a.json:
         return {"table": result["table"], "seconds": result["seconds"],
                 "rows": {name: {k: row[k] for k in ("dice", "dice_std", "sens", "spec", "hd95")}
                          for name, row in result["rows"].items()}}
-    return {"files": str(Path(workdir, f"table{a.table}.json")), "seconds": result["seconds"]}
+    return {"files": result["files"]["json"], "seconds": result["seconds"]}
 
 
 def main(argv: list[str] | None = None) -> int:

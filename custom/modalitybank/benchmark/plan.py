@@ -13,7 +13,7 @@ from typing import Any
 
 from modalitybank import config
 
-__all__ = ["Budget", "Row", "Table", "benchmark_config", "load_table"]
+__all__ = ["Budget", "Row", "Table", "benchmark_config", "load_table", "privacy_variant"]
 
 TRAIN_KINDS = ("real", "fedavg", "synthetic", "completed")
 
@@ -103,6 +103,19 @@ class Table:
     modalities: tuple[str, ...]
     rows: tuple[Row, ...]
     paper: dict[str, list[float]] = field(default_factory=dict)
+
+
+def privacy_variant(privacy: dict[str, Any] | None) -> str:
+    """The suffix of the GAN, synthesis and synthetic-row stages learned with the sites in a privacy mode
+    other than the paper's (``""`` for ``standard``): ``-adversarial``, ``-dp-eps8``, ``-dp-eps1-clip0.05``."""
+    if not privacy or privacy.get("mode", "standard") == "standard":
+        return ""
+    text = f"-{privacy['mode']}"
+    if privacy["mode"] == "dp":
+        text += f"-eps{privacy['epsilon']:g}"
+        text += f"-delta{privacy['delta']:g}" if "delta" in privacy else ""
+        text += f"-clip{privacy['clip']:g}" if "clip" in privacy else ""
+    return text
 
 
 def load_table(number: int, rows: Sequence[str] | None = None) -> Table:

@@ -134,36 +134,43 @@ def _examples_figure(table: Table, work: Path, seg_dirs: Mapping[str, Path], res
 
 
 def write_results(table: Table, work: Path, results: Mapping[str, list[dict[str, Any]]],
-                  gans: Mapping[str, dict[str, Any]], stage_times: Mapping[str, Any], seconds: float, scale: str,
-                  example_modality: int) -> dict[str, Any]:
-    """Write the table's files into ``work``; returns the benchmark's JSON summary."""
+                  seg_dirs: Mapping[str, Path], gans: Mapping[str, dict[str, Any]], stage_times: Mapping[str, Any], seconds: float, scale: str,
+                  example_modality: int, stem: str | None = None,
+                  privacy: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Write the table's files into ``work`` (named ``<stem>.md`` etc., default ``table<N>``); ``seg_dirs``: each
+    row's segmentation stage folder of the first seed (its example prediction). Returns the JSON summary."""
     n = table.number
+    stem = stem or f"table{n}"
     summary = {name: row_summary(seed_results) for name, seed_results in results.items()}
-    (work / f"table{n}.md").write_text(_markdown(table, summary, scale, stage_times, seconds))
-    with open(work / f"table{n}.csv", "w", newline="") as f:
+    markdown = _markdown(table, summary, scale, stage_times, seconds)
+    if privacy and privacy.get("mode", "standard") != "standard":
+        markdown += (f"\nThe sites' privacy settings while the GANs learned: {dict(privacy)} (real and FedAvg rows: "
+                     "no GAN, as in the standard table).\n")
+    (work / f"{stem}.md").write_text(markdown)
+    with open(work / f"{stem}.csv", "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["method", *[c for k in COLUMNS for c in (k, f"{k}_std", f"{k}_seed_std")], "seeds", "cases"])
         for name, s in summary.items():
             w.writerow([name, *[f"{s[c]:.4f}" for k in COLUMNS for c in (k, f"{k}_std", f"{k}_seed_std")],
                         s["seeds"], s["cases"]])
-    with open(work / f"table{n}_cases.csv", "w", newline="") as f:
+    with open(work / f"{stem}_cases.csv", "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["method", "seed", "case", *COLUMNS])
         for name, seed_results in results.items():
             for seed, r in enumerate(seed_results):
                 for case, m in r["per_case"].items():
                     w.writerow([name, seed, case, *[f"{m[k]:.4f}" for k in COLUMNS]])
-    seg_dirs = {row.name: work / f"seg/{row.key}-seed0" for row in table.rows}
-    figures = {"dice": str(_dice_figure(table, results, work / f"table{n}_dice.png")),
+    figures = {"dice": str(_dice_figure(table, results, work / f"{stem}_dice.png")),
                "examples": str(_examples_figure(table, work, seg_dirs, results, example_modality,
-                                                table.modalities[example_modality], work / f"table{n}_examples.png")),
+                                                table.modalities[example_modality], work / f"{stem}_examples.png")),
                "generators": {name: g.get("figure") for name, g in gans.items()}}
-    out = {"table": n, "scale": scale,
+    out = {"table": n, "scale": scale, "privacy": dict(privacy) if privacy else {"mode": "standard"},
            "rows": {name: {k: round(v, 4) if isinstance(v, float) else v for k, v in s.items()}
                     for name, s in summary.items()},
            "separated": [list(p) for p in separated_pairs(summary)],
            "generators": {name: {"quality": g.get("quality"), "accepted_iterations": g.get("accepted_iterations"),
                                  "sites": g.get("sites")} for name, g in gans.items()},
-           "stages": dict(stage_times), "figures": figures, "seconds": round(seconds, 1)}
-    (work / f"table{n}.json").write_text(json.dumps(out, indent=2))
+           "stages": dict(stage_times), "figures": figures, "seconds": round(seconds, 1),
+           "files": {"table": str(work / f"{stem}.md"), "json": str(work / f"{stem}.json")}}
+    (work / f"{stem}.json").write_text(json.dumps(out, indent=2))
     return out

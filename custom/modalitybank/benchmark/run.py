@@ -24,7 +24,7 @@ from typing import Any
 
 from modalitybank import config
 from modalitybank.benchmark import segment
-from modalitybank.benchmark.plan import Budget, Row, Table, load_table
+from modalitybank.benchmark.plan import Budget, Row, Table, load_table, privacy_variant
 from modalitybank.benchmark.results import write_results
 from modalitybank.benchmark.stages import Stages
 
@@ -36,8 +36,10 @@ class Benchmark:
 
     def __init__(self, table: Table, scale: str, workdir: Path, data: Path | None = None,
                  test_data: Path | None = None, seeds: int = 1, progress: bool = True,
-                 gan_iterations: int | None = None) -> None:
+                 gan_iterations: int | None = None, privacy: dict[str, Any] | None = None) -> None:
         self.table, self.scale, self.work = table, scale, workdir
+        self.privacy = privacy  # the sites' privacy settings while the GANs learn (None: the paper's, standard)
+        self.variant = privacy_variant(privacy)
         self.gan_iterations = gan_iterations  # None: the preset's (pre-training and bank alike)
         self.budget = Budget.of(scale)
         self.own_data = data is None
@@ -49,15 +51,19 @@ class Benchmark:
         self.stages = Stages(workdir, self._planned(), progress)
 
     # -- the plan -----------------------------------------------------------------------------------
+    def _learned(self, row: Row) -> str:
+        """The privacy suffix of a row whose images come from a GAN learned with the sites (else ``""``)."""
+        return self.variant if row.generator in ("bank", "asyndgan") else ""
+
     def _seg_name(self, row: Row, seed: int) -> str:
-        return f"seg/{row.key}-seed{seed}"
+        return f"seg/{row.key}-seed{seed}{self._learned(row)}"
 
     def _gan_name(self, row: Row, seed: int) -> str:
-        return f"gan/{row.generator_key}-seed{seed}"
+        return f"gan/{row.generator_key}-seed{seed}{self._learned(row)}"
 
     def _synth_name(self, row: Row, seed: int) -> str:
         suffix = f"-completed-{'+'.join(row.centres or ())}" if row.train == "completed" else ""
-        return f"synth/{row.generator_key}-seed{seed}{suffix}"
+        return f"synth/{row.generator_key}-seed{seed}{self._learned(row)}{suffix}"
 
     def _planned(self) -> list[tuple[str, str]]:
         plan: list[tuple[str, str]] = [("data", "data")] if self.own_data else []
@@ -111,9 +117,13 @@ class Benchmark:
             job, extra = "asyndgan", {}
 
         def learn(folder: Path) -> dict[str, Any]:
+            if self.privacy:  # every site's own settings, as a hospital sets them (the job cannot)
+                steps = self.gan_iterations or config.preset(self.scale)["train"]["bank_iterations"]
+                own = {**self.privacy, "steps": steps} if self.privacy["mode"] == "dp" else self.privacy
+                (folder / "site_config.json").write_text(json.dumps({"default": {"privacy": own}}))
+                extra["site_config"] = folder / "site_config.json"
             fl = simulate(job, folder, scale=self.scale, rounds=self.gan_iterations, progress=False,
-                          data_root=str(self.data),
-                          cache_dir=str(self.cache), seed=seed, **extra)
+                          data_root=str(self.data), cache_dir=str(self.cache), seed=seed, **extra)
             report = report_run(fl["checkpoint"], self.data, self.scale, row.experiment, cache_dir=self.cache)
             return {"checkpoint": fl["checkpoint"], "accepted_iterations": fl["rounds"], "sites": fl["sites"],
                     "quality": report["quality"], "figure": report["figure"], "loss_curves": report["loss_curves"]}
@@ -198,9 +208,11 @@ class Benchmark:
             for row in self.table.rows:
                 results.setdefault(row.name, []).append(self.segment(row, seed))
         gans = {n: s["result"] for _, n in self.stages.planned if n.startswith("gan/") and (s := self.stages.done(n))}
-        return write_results(self.table, self.work, results, gans, self.stages.summary(),
+        seg_dirs = {row.name: self.stages.path(self._seg_name(row, self.seeds[0])) for row in self.table.rows}
+        return write_results(self.table, self.work, results, seg_dirs, gans, self.stages.summary(),
                              seconds=time.perf_counter() - start, scale=self.scale,
-                             example_modality=_example_modality(self.table.modalities))
+                             example_modality=_example_modality(self.table.modalities),
+                             stem=f"table{self.table.number}{self.variant}", privacy=self.privacy)
 
 
 def _example_modality(modalities: Sequence[str]) -> int:
@@ -212,11 +224,15 @@ def _example_modality(modalities: Sequence[str]) -> int:
 
 def run_benchmark(table: int, scale: str, workdir: str | Path, data: str | Path | None = None,
                   test_data: str | Path | None = None, seeds: int = 1, rows: Sequence[str] | None = None,
-                  progress: bool = True, gan_iterations: int | None = None) -> dict[str, Any]:
+                  progress: bool = True, gan_iterations: int | None = None,
+                  privacy: dict[str, Any] | None = None) -> dict[str, Any]:
     """Run table ``table`` at ``scale`` in ``workdir`` (resuming what an earlier run there finished).
 
     ``gan_iterations`` overrides the preset's pre-training and bank iterations (a quick look; the
-    stages' folder names do not record it, so use a fresh workdir).
+    stages' folder names do not record it, so use a fresh workdir). ``privacy``: every site's privacy
+    settings while the GANs learn (``{"mode": "adversarial"}``, ``{"mode": "dp", "epsilon": 8}``; see
+    :func:`modalitybank.dp.resolve_privacy`): the synthetic rows then show what that mode costs
+    downstream, in ``table<N>-<mode>...`` files beside the standard table (real rows are shared).
 
     Returns ``{"table", "rows": {name: {"dice", "dice_std", "sens", "spec", "hd95", ...}}, "seconds",
     "files"}`` (dice/sens/spec as fractions, hd95 in mm).
@@ -226,6 +242,6 @@ def run_benchmark(table: int, scale: str, workdir: str | Path, data: str | Path 
     work = Path(workdir).resolve()
     work.mkdir(parents=True, exist_ok=True)
     bench = Benchmark(load_table(table, rows), scale, work, Path(data) if data else None,
-                      Path(test_data) if test_data else None, seeds, progress, gan_iterations)
-    (work / f"table{table}_plan.json").write_text(json.dumps(bench.stages.planned, indent=1))
+                      Path(test_data) if test_data else None, seeds, progress, gan_iterations, privacy)
+    (work / f"table{table}{bench.variant}_plan.json").write_text(json.dumps(bench.stages.planned, indent=1))
     return bench.run()
