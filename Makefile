@@ -17,7 +17,7 @@ LINT = ruff check custom tests flare_app setup.py
 # The test suite (CI runs exactly this through .ci/run).
 test: install
 	$(LINT)
-	$(PYTHON) -m pytest -q
+	$(PYTHON) -m pytest -q --durations=12
 
 # The fast inner loop: the tests not marked slow or deploy (no NVFlare run, no bundle training).
 test-fast: install
