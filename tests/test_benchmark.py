@@ -184,3 +184,17 @@ def test_benchmark_table_1_end_to_end_at_tiny(phantom_root: Path, tmp_path: Path
     log = (work / "gan/bank-multimodal-lgg-seed0-adversarial/simulator.log").read_text()
     assert log.count("'mode': 'adversarial'") >= 3  # every site joined in the mode its own settings name
     assert json.loads((work / "table1.json").read_text()) == again  # the standard table untouched
+
+
+def test_stage_eta_uses_the_times_of_stages_of_the_same_kind(tmp_path: Path) -> None:
+    from modalitybank.benchmark.stages import _COST, Stages
+
+    planned = [("data", "data"), ("gan", "gan/a"), ("gan", "gan/b"), ("seg", "seg/x")]
+    stages = Stages(tmp_path, planned, progress=False)
+    assert math.isnan(stages.eta())  # nothing timed yet
+    stages.times = {"data": {"kind": "data", "seconds": 10.0, "reused": True},
+                    "gan/a": {"kind": "gan", "seconds": 100.0, "reused": False}}
+    per_unit = 110.0 / (_COST["data"] + _COST["gan"])
+    assert stages.eta() == pytest.approx(100.0 + per_unit * _COST["seg"])  # gan/b like gan/a; seg by its cost
+    stages.run("seg", "seg/x", lambda folder: {"ok": True})
+    assert stages.eta() == pytest.approx(100.0)  # only gan/b is left

@@ -21,7 +21,7 @@ __all__ = ["STAGE_FILE", "Stages"]
 
 STAGE_FILE = "stage.json"
 #: Rough relative cost of each kind of stage, for the ETA before any stage of that kind was timed.
-_COST = {"data": 1.0, "pretrain": 4.0, "gan": 10.0, "synth": 0.5, "seg": 2.5, "fedavg": 5.0, "eval": 0.3}
+_COST = {"data": 1.0, "pretrain": 4.0, "gan": 36.0, "synth": 1.0, "seg": 4.0, "fedavg": 13.0, "eval": 0.3}  # small, 2 cores
 
 
 class Stages:
@@ -60,12 +60,16 @@ class Stages:
         return result
 
     def eta(self) -> float:
-        """Seconds the stages not yet run should take, from the stages timed so far (those of earlier runs in
-        the workdir too, until this run has timed one)."""
-        ran = [t for t in self.times.values() if not t["reused"]] or list(self.times.values())
-        per_unit = (sum(t["seconds"] for t in ran) / sum(_COST[t["kind"]] for t in ran)) if ran else None
-        left = [(k, n) for k, n in self.planned if n not in self.times and self.done(n) is None]
-        return per_unit * sum(_COST[k] for k, _ in left) if per_unit else float("nan")
+        """Seconds the stages not yet run should take: for each kind, the mean time of its stages timed so far
+        (earlier runs in the workdir included), else the relative cost of the kind scaled by the time per unit
+        of cost seen so far; NaN before any stage was timed."""
+        left = [k for k, n in self.planned if n not in self.times and self.done(n) is None]
+        timed = list(self.times.values())
+        by_kind: dict[str, list[float]] = {}
+        for t in timed:
+            by_kind.setdefault(t["kind"], []).append(t["seconds"])
+        per_unit = sum(t["seconds"] for t in timed) / sum(_COST[t["kind"]] for t in timed) if timed else float("nan")
+        return sum(sum(by_kind[k]) / len(by_kind[k]) if k in by_kind else per_unit * _COST[k] for k in left)
 
     def _say(self, text: str) -> None:
         if not self.progress:
