@@ -9,18 +9,10 @@ from typing import Any
 from modalitybank import config
 from modalitybank.data.brats import SiteDataset, site_datasets
 from modalitybank.figures import loss_curves, modality_grid
-from modalitybank.store import load_generator, read_info
+from modalitybank.store import load_generator, made_modalities, read_info
 from modalitybank.synthesis import evaluate_generator
 
-__all__ = ["generated_modalities", "report_run"]
-
-
-def generated_modalities(run_dir: str | Path) -> list[str]:
-    """The modalities the generator of ``run_dir`` makes: its bank entries (an entry added later included), or
-    the output channels of a plain (AsynDGAN) generator; in the order of ``config.MODALITIES``."""
-    info = read_info(run_dir)
-    made = set(info.get("modalities") or info.get("architecture", {}).get("output_modalities") or [])
-    return [m for m in config.MODALITIES if m in made]
+__all__ = ["report_run"]
 
 
 def report_run(run_dir: str | Path, data_root: str | Path, scale: str, experiment: str,
@@ -36,7 +28,8 @@ def report_run(run_dir: str | Path, data_root: str | Path, scale: str, experimen
     """
     run_dir = Path(run_dir)
     exp = config.experiment(experiment)
-    targets = list(modalities or generated_modalities(run_dir) or exp["targets"])
+    made = made_modalities(run_dir)
+    targets = list(modalities or [m for m in config.MODALITIES if m in made] or exp["targets"])
     slices = config.preset(scale)["slices"]
     generator = load_generator(run_dir)
     test = SiteDataset(data_root, None, targets, split="test", cache_dir=cache_dir, image_size=slices["image_size"],

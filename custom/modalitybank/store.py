@@ -20,7 +20,7 @@ import torch
 from modalitybank.bank import atomic_save, atomic_write_json
 from modalitybank.networks import ResnetGenerator
 
-__all__ = ["load_generator", "read_info", "save_generator"]
+__all__ = ["load_generator", "made_modalities", "read_info", "save_generator"]
 
 _ARCH_KEYS = ("spatial_dims", "in_channels", "out_channels", "ngf", "n_blocks", "n_downsampling", "modulated",
               "output_modalities", "base_modality")
@@ -55,6 +55,17 @@ def read_info(folder: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise FileNotFoundError(f"{folder}: no generator here (generator.json missing)")
     return json.loads(path.read_text())
+
+
+def made_modalities(folder: str | Path, with_base: bool = False) -> list[str]:
+    """What the generator saved in ``folder`` makes: its bank entries (an entry added later included) or the
+    output channels of a plain (AsynDGAN) generator; ``with_base``: also the base's own modality."""
+    info = read_info(folder)
+    names = list(info.get("modalities") or info["architecture"].get("output_modalities") or [])
+    base = info["architecture"].get("base_modality")
+    if with_base and base and base not in names:
+        names.append(base)
+    return names
 
 
 def load_generator(folder: str | Path, modalities: Sequence[str] | None = None) -> ResnetGenerator:

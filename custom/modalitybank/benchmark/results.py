@@ -134,8 +134,8 @@ def _examples_figure(table: Table, work: Path, seg_dirs: Mapping[str, Path], res
 
 
 def write_results(table: Table, work: Path, results: Mapping[str, list[dict[str, Any]]],
-                  seg_dirs: Mapping[str, Path], gans: Mapping[str, dict[str, Any]], stage_times: Mapping[str, Any], seconds: float, scale: str,
-                  example_modality: int, stem: str | None = None,
+                  seg_dirs: Mapping[str, Path], gans: Mapping[str, dict[str, Any]], stage_times: Mapping[str, Any],
+                  seconds: float, scale: str, example_modality: int, stem: str | None = None,
                   privacy: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Write the table's files into ``work`` (named ``<stem>.md`` etc., default ``table<N>``); ``seg_dirs``: each
     row's segmentation stage folder of the first seed (its example prediction). Returns the JSON summary."""

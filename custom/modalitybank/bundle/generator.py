@@ -143,14 +143,9 @@ def save_model_checkpoint(models_dir: str | Path, path: str | Path | None = None
 
 def generator_modalities(models_dir: str | Path) -> list[str]:
     """What the generator in ``models_dir`` makes: its bank entries and the base's own modality."""
-    from modalitybank.store import read_info
+    from modalitybank.store import made_modalities
 
-    info = read_info(models_dir)
-    names = list(info.get("modalities") or [])
-    base = info["architecture"].get("base_modality")
-    if base and base not in names:
-        names.append(base)
-    return names
+    return made_modalities(models_dir, with_base=True)
 
 
 def folded_generator(models_dir: str | Path, modality: str) -> FoldedGenerator:
