@@ -11,15 +11,20 @@ import json
 import re
 import shutil
 import subprocess
+import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from modalitybank import config
 from modalitybank.data.sites import split_sites
-from modalitybank.fl.deploy import SITES, drop_unsubmittable, run_poc, run_provisioned
+from modalitybank.fl import wire
+from modalitybank.fl.deploy import SERVER, SITES, drop_unsubmittable, run_poc, run_provisioned
 from modalitybank.fl.jobs import simulate
 from modalitybank.fl.policy import PACKAGE_PREFIX
+from modalitybank.fl.processes import cli_env, crash
 from modalitybank.fl.trust import foreign_ca_check
 from modalitybank.resources import shared_dir
 from modalitybank.store import load_generator
@@ -120,6 +125,54 @@ def test_poc_modality_that_joins_later_with_each_site_reading_its_own_folder(pha
     for site in SITES:  # each site read its own folder, named in its log
         log = next((tmp_path / "poc-run" / "poc").rglob(f"{site}/{result['job_id']}/log.txt")).read_text()
         assert str(folders[site]) in log
+
+
+def _wait_for(path_glob: Callable[[], list[Path]], pattern: str, timeout: float) -> Path:
+    """The first file of ``path_glob()`` whose text matches ``pattern`` within ``timeout`` seconds."""
+    end = time.time() + timeout
+    while time.time() < end:
+        for path in path_glob():
+            if re.search(pattern, path.read_text(errors="replace")):
+                return path
+        time.sleep(0.5)
+    raise AssertionError(f"no {pattern!r} in {path_glob()} after {timeout:.0f} s")
+
+
+def test_poc_site_killed_mid_job_and_started_again_rejoins_the_running_job(phantom_root, cache_dir, pretrained,
+                                                                            tmp_path) -> None:
+    """kill -9 of every process of hospital-c (its client and its job process) in the middle of a job, then its
+    kit's ``startup/start.sh``: the server deploys the running job to it again, and the site's new job process
+    contributes to later iterations (its ledger, the server's metrics)."""
+    rounds, killed_at = 40, 3
+    out: dict = {}
+    runner = threading.Thread(target=lambda: out.update(result=run_poc(
+        tmp_path, "modalitybank_multimodal", scale="tiny", rounds=rounds, progress=False, data_root=str(phantom_root),
+        cache_dir=str(cache_dir), pretrained=str(pretrained), site_timeout=5.0)))
+    runner.start()
+    kits = tmp_path / "poc" / "modalitybank" / "prod_00"
+    try:
+        job_log = _wait_for(lambda: list((kits / SERVER).glob("*/log.txt")), rf"iteration {killed_at}/{rounds}", 600)
+        site = SITES[-1]
+        assert crash(kits / site), f"no process of {site} found"
+        crashed = time.time()
+        _wait_for(lambda: [job_log], rf"site {site} at iteration \d+: no answer in time", 120)
+        subprocess.run(["bash", str(kits / site / "startup" / "start.sh")], env=cli_env(
+            tmp_path, NVFLARE_POC_WORKSPACE=str(tmp_path / "poc")), cwd=kits / site, check=True, timeout=60)
+        _wait_for(lambda: [kits / SERVER / "log.txt"], rf"site {site} rejoined job", 300)
+        back = _wait_for(lambda: [job_log], rf"site {site} is back at iteration (\d+)", 300)
+        back_at = int(re.search(rf"site {site} is back at iteration (\d+)", back.read_text()).group(1))
+    finally:
+        runner.join(timeout=1800)
+    result = out["result"]
+    assert result["rounds"] == rounds and result["sites"] == list(SITES)
+    assert killed_at < back_at < rounds, f"rejoined at iteration {back_at} ({time.time() - crashed:.0f} s after the crash)"
+    # the site's ledger of the job: gradients sent after the restart, by the new job process
+    ledger = [json.loads(line) for line in (kits / site / result["job_id"] / wire.LEDGER_FILE).read_text().splitlines()]
+    sent = sorted({e["iteration"] for e in ledger if e["direction"] == "sent" and (e["key"] or "").startswith("grad/")})
+    assert sent and sent[0] < killed_at + 2 and sent[-1] >= back_at - 1
+    assert any(later > earlier + 1 for earlier, later in zip(sent, sent[1:], strict=False))  # the gap of the crash
+    metrics = [json.loads(line) for line in (Path(result["checkpoint"]) / "metrics.jsonl").read_text().splitlines()]
+    assert f"{site}/t1" in metrics[-1]["losses"]  # it contributes to the last iteration
 
 
 def test_provisioned_federation(phantom_root, pretrained, tmp_path) -> None:

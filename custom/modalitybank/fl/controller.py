@@ -34,6 +34,7 @@ from modalitybank import config
 from modalitybank.bank import atomic_save, atomic_write_json
 from modalitybank.fl import wire
 from modalitybank.fl.ledger import Ledger
+from modalitybank.fl.rejoin import refresh_participants
 from modalitybank.gan import generator_step
 from modalitybank.networks import build_generator, mask_channels
 from modalitybank.runlog import RunLog
@@ -45,6 +46,8 @@ __all__ = ["RUN_FILE", "STATE_FILE", "ModalityBankController", "check_gradient"]
 STATE_FILE = "server_state.pt"
 #: What the run trained: status, iterations with accepted gradients, the sites that contributed.
 RUN_FILE = "run.json"
+#: Seconds between two reads of the job's participants while a site is absent (a restarted site's new token).
+_REFRESH_EVERY = 5.0
 
 
 def check_gradient(grad: torch.Tensor, fake: torch.Tensor, max_norm: float) -> str | None:
@@ -144,6 +147,7 @@ class ModalityBankController(Controller):
                                                   checkpoint_every=checkpoint_every or None)
         self._results: dict[tuple[str, str, int], Shareable] = {}
         self._results_lock = threading.Lock()
+        self._refreshed = 0.0
 
     # -- life cycle -------------------------------------------------------------------------
     def start_controller(self, fl_ctx: FLContext) -> None:
@@ -410,10 +414,16 @@ class ModalityBankController(Controller):
         return report
 
     def _probe_absent(self, sites: dict[str, _Site], iteration: int, fl_ctx: FLContext) -> None:
-        """Ask every absent site to join again; take back those that answered (without waiting)."""
-        for site in sites.values():
-            if site.active or site.retired:
-                continue
+        """Ask every absent site to join again; take back those that answered (without waiting).
+
+        While a site is absent, the participants are read again from the server's parent process every
+        ``_REFRESH_EVERY`` seconds: a site whose client crashed and was started again has a new token there
+        (:mod:`modalitybank.fl.rejoin`)."""
+        absent = [s for s in sites.values() if not s.active and not s.retired]
+        if absent and time.time() - self._refreshed > _REFRESH_EVERY:
+            self._refreshed = time.time()
+            refresh_participants(self._engine, fl_ctx.get_job_id())
+        for site in absent:
             if site.probe is not None and site.probe.completion_status is not None:
                 result = self._take(site.name, wire.TASK_HELLO, site.probe.props["iteration"])
                 site.probe = None

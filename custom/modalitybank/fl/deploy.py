@@ -47,6 +47,7 @@ from modalitybank.fl.processes import (
     nvflare,
     nvflare_command,
 )
+from modalitybank.fl.rejoin import add_to_server_kit
 from modalitybank.fl.site_config import SITE_CONFIG_FILE
 from modalitybank.resources import shared_dir
 
@@ -170,9 +171,13 @@ def prepare_kit(kit: Path, with_code: bool, site_config: str | Path | None = Non
     """A participant's local policy, as a hospital's IT would set it: the package's classes admitted
     (``class_allow_list``), jobs carrying code (BYOC) allowed only for ``with_code`` runs, and for a site
     its own settings (``site_config``, a ``modalitybank_site.json``: data folder, privacy mode, ...) in
-    its ``local/``, where the site reads them and the job cannot set them."""
+    its ``local/``, where the site reads them and the job cannot set them. The server, where it has the
+    package (not in ``with_code`` runs), gets :class:`~modalitybank.fl.rejoin.SiteRejoin`: a site whose
+    client crashed and was started again rejoins the running job."""
     admit_package(kit / "local")
     set_byoc(kit, allowed=with_code)
+    if kit.name == SERVER and not with_code:  # the server's parent imports the package: a crashed site rejoins
+        add_to_server_kit(kit / "local")
     if site_config is not None and kit.name != SERVER:
         shutil.copyfile(site_config, kit / "local" / SITE_CONFIG_FILE)
 

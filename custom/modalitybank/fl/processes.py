@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-__all__ = ["check_loopback", "cli_env", "kill_leftovers", "listening", "log_tail", "nvflare", "nvflare_command"]
+__all__ = ["check_loopback", "cli_env", "crash", "kill_leftovers", "listening", "log_tail", "nvflare", "nvflare_command"]
 
 # -- running the NVFlare CLI ----------------------------------------------------------------
 
@@ -97,6 +97,18 @@ def _pids_under(root: Path) -> list[int]:
         if any(a == root_s or a.startswith(root_s + os.sep) for a in args):
             found.append(int(entry.name))
     return found
+
+
+def crash(root: str | Path) -> list[int]:
+    """``kill -9`` of every process of ``root`` at once (a participant's parent and job processes), as a
+    crash of its machine would end them; returns their PIDs."""
+    pids = _pids_under(Path(root).resolve())
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    return pids
 
 
 def kill_leftovers(root: str | Path, grace: float = 15.0) -> list[int]:
