@@ -14,6 +14,7 @@ import pytest
 
 from modalitybank.fl.jobs import app, export_job, read_run
 from modalitybank.fl.policy import JOB_NVFLARE_CLASSES, PACKAGE_PREFIX, admit_package
+from modalitybank.fl.rejoin import COMPONENT_ID, SiteRejoin, add_to_server_kit
 from modalitybank.resources import shared_dir
 
 REPO = Path(__file__).resolve().parents[1]
@@ -113,6 +114,23 @@ def test_admit_package_keeps_the_site_list(tmp_path) -> None:
     written = json.loads(admit_package(tmp_path).read_text())
     assert written == {"format_version": 2, "class_allow_list": ["a.b", *JOB_NVFLARE_CLASSES, PACKAGE_PREFIX],
                        "components": []}
+
+
+def test_server_kit_gets_the_rejoin_component_once_and_keeps_the_rest(tmp_path) -> None:
+    """The server's parent process builds the component from the class path written (importable, a SiteRejoin)."""
+    import importlib
+
+    system = [{"id": "job_manager", "path": "nvflare.apis.impl.job_def_manager.SimpleJobDefManager", "args": {}}]
+    (tmp_path / "resources.json.default").write_text(json.dumps({"format_version": 2, "components": system}))
+    admit_package(tmp_path)
+    add_to_server_kit(tmp_path, check_interval=1.5)
+    written = json.loads(add_to_server_kit(tmp_path, check_interval=1.5).read_text())  # twice: still one entry
+    assert written["components"][:-1] == system and PACKAGE_PREFIX in written["class_allow_list"]
+    rejoin = written["components"][-1]
+    assert [c["id"] for c in written["components"]].count(COMPONENT_ID) == 1 and rejoin["id"] == COMPONENT_ID
+    module, name = rejoin["path"].rsplit(".", 1)
+    component = getattr(importlib.import_module(module), name)(**rejoin["args"])
+    assert isinstance(component, SiteRejoin) and component.check_interval == 1.5
 
 
 def _readme_line(prefix: str) -> str:

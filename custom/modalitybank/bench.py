@@ -105,9 +105,11 @@ def reference_iteration(pretrained: Any, targets: Sequence[str], site_modalities
 
 
 def bench_fl(scale: str = "small", iterations: int = 30, warmup: int = 5, workdir: str | None = None,
-             wire_dtype: str = "float32", experiment: str = "multimodal", progress: bool = True) -> dict[str, Any]:
+             wire_dtype: str = "float32", experiment: str = "multimodal", progress: bool = True,
+             poll_interval: float | None = None) -> dict[str, Any]:
     """The federated iteration (NVFlare simulator, 3 sites) against the single-process reference
     iteration, on the same data, networks and batch size, run one after the other in this command.
+    ``poll_interval``: the job's (``None``: its default).
 
     Also the bytes that cross per iteration and site, as NVFlare serialises the messages, against
     the minimum: the raw masks, fakes and gradients.
@@ -137,7 +139,7 @@ def bench_fl(scale: str = "small", iterations: int = 30, warmup: int = 5, workdi
     workdir = workdir or tempfile.mkdtemp(prefix="modalitybank-bench-fl-")
     result = simulate(job, Path(workdir) / "run", scale=scale, rounds=iterations, progress=progress,
                       data_root=str(data), cache_dir=str(cache), pretrained=str(pretrained),
-                      measure_wire_bytes=True, wire_dtype=wire_dtype)
+                      measure_wire_bytes=True, wire_dtype=wire_dtype, poll_interval=poll_interval)
     metrics = [json.loads(line) for line in (Path(result["checkpoint"]) / "metrics.jsonl").read_text().splitlines()]
     federated = statistics.median(m["seconds"] for m in metrics[warmup:])
     server_ledger = next(path for path in result["ledgers"] if "/server/" in path)

@@ -30,8 +30,9 @@ def _slope(xs: Sequence[int], ys: Sequence[float]) -> float:
 
 def bench_fl_sites(site_counts: Sequence[int] = (3, 6, 12), scale: str = "tiny", iterations: int = 20,
                    workdir: str | Path | None = None, figure: str | Path | None = None,
-                   progress: bool = True) -> dict[str, Any]:
+                   progress: bool = True, poll_interval: float | None = None) -> dict[str, Any]:
     """Seconds per iteration against the number of sites, federated and reference; see the module docstring.
+    ``poll_interval``: the job's (``None``: its default, :data:`flare_app.job.POLL_INTERVAL`).
 
     Returns ``{"sites": {"<n>": federated s/it}, "reference": {"<n>": s/it}, "per_site_overhead": float,
     "per_site_compute": s, "figure": png path, ...}``.
@@ -41,7 +42,7 @@ def bench_fl_sites(site_counts: Sequence[int] = (3, 6, 12), scale: str = "tiny",
     from modalitybank.data.default import CACHE_ROOT, default_phantom, default_pretrained
     from modalitybank.data.sites import split_sites
     from modalitybank.figures import scaling_curve
-    from modalitybank.fl.jobs import simulate
+    from modalitybank.fl.jobs import app, simulate
 
     warmup = min(3, iterations // 4)
     data, cache = default_phantom(scale), CACHE_ROOT / "slices"
@@ -58,7 +59,7 @@ def bench_fl_sites(site_counts: Sequence[int] = (3, 6, 12), scale: str = "tiny",
                                                       scale, iterations, warmup), 4)
         result = simulate("modalitybank_multimodal", work / f"run-{n}", scale=scale, rounds=iterations, clients=names,
                           progress=False, pretrained=str(pretrained), cache_dir=str(cache),
-                          site_config=work / f"sites-{n}" / "modalitybank_site.json")
+                          site_config=work / f"sites-{n}" / "modalitybank_site.json", poll_interval=poll_interval)
         lines = (Path(result["checkpoint"]) / "metrics.jsonl").read_text().splitlines()
         federated[str(n)] = round(statistics.median(json.loads(x)["seconds"] for x in lines[warmup:]), 4)
         if progress:
@@ -71,4 +72,4 @@ def bench_fl_sites(site_counts: Sequence[int] = (3, 6, 12), scale: str = "tiny",
                         Path(figure) if figure else work / "bench_fl_sites.png")
     return {"sites": federated, "reference": reference, "per_site_overhead": round(overhead, 3),
             "per_site_compute": round(per_site, 4), "scale": scale, "iterations": iterations,
-            "figure": str(png)}
+            "poll_interval": poll_interval or app().POLL_INTERVAL, "figure": str(png)}

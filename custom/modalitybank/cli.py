@@ -111,7 +111,8 @@ def cmd_fl_simulate(a: argparse.Namespace) -> dict[str, Any]:
                       with_code=a.with_code, clients=a.clients.split(",") if a.clients else None,
                       data_root=str(a.data.resolve()) if a.data else None,
                       cache_dir=str(a.cache_dir.resolve()) if a.cache_dir else None, wire_dtype=a.wire_dtype,
-                      pretrained=str(a.pretrained.resolve()) if a.pretrained else None, **_lifelong(a))
+                      pretrained=str(a.pretrained.resolve()) if a.pretrained else None,
+                      poll_interval=a.poll_interval, **_lifelong(a))
     result.pop("log")
     return result
 
@@ -128,8 +129,9 @@ def _fl_deploy(run: Any, a: argparse.Namespace) -> dict[str, Any]:
                  timeout=a.timeout, progress=not a.quiet, data_root=str(a.data.resolve()) if a.data else None,
                  cache_dir=str(a.cache_dir.resolve()) if a.cache_dir else None,
                  pretrained=str(a.pretrained.resolve()) if a.pretrained else None, with_code=a.with_code,
-                 **_lifelong(a))
-    return {k: result[k] for k in ("checkpoint", "ledgers", "rounds", "sites", "seconds", "job_id")}
+                 poll_interval=a.poll_interval, **_lifelong(a))
+    return {k: result[k] for k in ("checkpoint", "ledgers", "rounds", "sites", "seconds", "seconds_per_iteration",
+                                   "job_id")}
 
 
 def cmd_fl_poc(a: argparse.Namespace) -> dict[str, Any]:
@@ -149,11 +151,11 @@ def cmd_bench_fl(a: argparse.Namespace) -> dict[str, Any]:
         from modalitybank.bench_sites import bench_fl_sites
 
         return bench_fl_sites(a.sites, a.scale, iterations=a.iterations, workdir=a.workdir, figure=a.figure,
-                              progress=not a.quiet)
+                              progress=not a.quiet, poll_interval=a.poll_interval)
     from modalitybank.bench import bench_fl
 
     return bench_fl(a.scale, iterations=a.iterations, workdir=a.workdir, wire_dtype=a.wire_dtype,
-                    experiment=a.experiment, progress=not a.quiet)
+                    experiment=a.experiment, progress=not a.quiet, poll_interval=a.poll_interval)
 
 
 def cmd_demo(a: argparse.Namespace) -> dict[str, Any]:
@@ -208,6 +210,12 @@ def _common(p: argparse.ArgumentParser, data: bool = True, run_dir: bool = True)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--json", action="store_true", help="print one JSON object as the last line")
+
+
+def _poll_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--poll-interval", type=float, default=None, metavar="S",
+                   help="seconds an idle site waits before asking the server for work again (default: the job's, "
+                        "0.1; shorter makes the sites' requests compete with the server for the CPU)")
 
 
 def _lifelong_arguments(p: argparse.ArgumentParser) -> None:
@@ -329,6 +337,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sites", type=int, nargs="+", default=None,
                    help="site counts to compare (e.g. 3 6 12): seconds per iteration against the number of sites")
     p.add_argument("--figure", type=Path, default=None, help="with --sites: where the PNG curve goes")
+    _poll_argument(p)
     p.set_defaults(fn=cmd_bench_fl)
 
     fl = sub.add_parser("fl", help="federated runs on NVFlare").add_subparsers(dest="fl_command", required=True)
@@ -348,6 +357,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--wire-dtype", choices=["float32", "float16"], default=None)
     p.add_argument("--with-code", action="store_true", help="carry the package's runtime in the job's custom/ "
                    "(the way for sites without the package)")
+    _poll_argument(p)
     p.add_argument("--quiet", action="store_true")
     p.add_argument("--json", action="store_true")
     p.set_defaults(fn=cmd_fl_simulate)
@@ -379,6 +389,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--with-code", action="store_true", help="submit the job carrying its code (sites allow BYOC); "
                        "default: configuration only, the sites' allow-list admits the installed package")
         _lifelong_arguments(p)
+        _poll_argument(p)
         p.add_argument("--quiet", action="store_true")
         p.add_argument("--json", action="store_true")
         p.set_defaults(fn=fn)

@@ -25,6 +25,7 @@ import re
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import threading
@@ -332,9 +333,12 @@ def _collect(job_id: str, download: Path, kits: Path, job_dir: Path) -> dict[str
     if wants_checkpoint and not server_ledger.is_file():
         raise RuntimeError(f"the downloaded result {download} lacks the server ledger")
     run = read_run(checkpoint)  # what the run trained: iterations with accepted gradients, contributing sites
+    metrics = checkpoint / "metrics.jsonl"
+    seconds = [json.loads(line)["seconds"] for line in metrics.read_text().splitlines()] if metrics.is_file() else []
     return {"checkpoint": str(checkpoint) if checkpoint.is_dir() else None, "ledgers": ledgers,
             "rounds": run["accepted_iterations"] if run else None, "sites": run["sites"] if run else [],
-            "job_id": job_id}
+            "job_id": job_id,  # the server's time per iteration, the first (warm-up) left out where there are more
+            "seconds_per_iteration": round(statistics.median(seconds[1:] or seconds), 4) if seconds else None}
 
 
 def _prepare(job: str | Path, workdir: Path, scale: str | None, rounds: int | None, updates: dict[str, Any],
