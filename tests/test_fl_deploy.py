@@ -138,12 +138,15 @@ def _wait_for(path_glob: Callable[[], list[Path]], pattern: str, timeout: float)
     raise AssertionError(f"no {pattern!r} in {path_glob()} after {timeout:.0f} s")
 
 
+@pytest.mark.parametrize("folder_lost", [False, True], ids=["crash", "crash-and-job-folder-lost"])
 def test_poc_site_killed_mid_job_and_started_again_rejoins_the_running_job(phantom_root, cache_dir, pretrained,
-                                                                            tmp_path) -> None:
+                                                                            tmp_path, folder_lost) -> None:
     """kill -9 of every process of hospital-c (its client and its job process) in the middle of a job, then its
-    kit's ``startup/start.sh``: the server deploys the running job to it again, and the site's new job process
-    contributes to later iterations (its ledger, the server's metrics)."""
-    rounds, killed_at = 40, 3
+    kit's ``startup/start.sh``: the server starts the running job on it again, and the site's new job process
+    contributes to later iterations (its ledger, the server's metrics). Its folder of the job survives the crash
+    (the ledger holds the iterations before and after it); where that folder is gone too (``folder_lost``: a
+    replaced disk), the server deploys the job to the site again."""
+    rounds, killed_at, site = 40, 3, SITES[-1]
     out: dict = {}
     runner = threading.Thread(target=lambda: out.update(result=run_poc(
         tmp_path, "modalitybank_multimodal", scale="tiny", rounds=rounds, progress=False, data_root=str(phantom_root),
@@ -152,13 +155,14 @@ def test_poc_site_killed_mid_job_and_started_again_rejoins_the_running_job(phant
     kits = tmp_path / "poc" / "modalitybank" / "prod_00"
     try:
         job_log = _wait_for(lambda: list((kits / SERVER).glob("*/log.txt")), rf"iteration {killed_at}/{rounds}", 600)
-        site = SITES[-1]
         assert crash(kits / site), f"no process of {site} found"
         crashed = time.time()
+        if folder_lost:
+            shutil.rmtree(kits / site / job_log.parent.name)
         _wait_for(lambda: [job_log], rf"site {site} at iteration \d+: no answer in time", 120)
         subprocess.run(["bash", str(kits / site / "startup" / "start.sh")], env=cli_env(
             tmp_path, NVFLARE_POC_WORKSPACE=str(tmp_path / "poc")), cwd=kits / site, check=True, timeout=60)
-        _wait_for(lambda: [kits / SERVER / "log.txt"], rf"site {site} rejoined job", 300)
+        server_log = _wait_for(lambda: [kits / SERVER / "log.txt"], rf"site {site} rejoined job", 300)
         back = _wait_for(lambda: [job_log], rf"site {site} is back at iteration (\d+)", 300)
         back_at = int(re.search(rf"site {site} is back at iteration (\d+)", back.read_text()).group(1))
     finally:
@@ -166,11 +170,14 @@ def test_poc_site_killed_mid_job_and_started_again_rejoins_the_running_job(phant
     result = out["result"]
     assert result["rounds"] == rounds and result["sites"] == list(SITES)
     assert killed_at < back_at < rounds, f"rejoined at iteration {back_at} ({time.time() - crashed:.0f} s after the crash)"
-    # the site's ledger of the job: gradients sent after the restart, by the new job process
+    assert (f"site {site} has no folder of job" in server_log.read_text()) == folder_lost  # deployed again only then
+    # the site's ledger of the job: gradients sent after the restart by the new job process, and before the crash
     ledger = [json.loads(line) for line in (kits / site / result["job_id"] / wire.LEDGER_FILE).read_text().splitlines()]
     sent = sorted({e["iteration"] for e in ledger if e["direction"] == "sent" and (e["key"] or "").startswith("grad/")})
-    assert sent and sent[0] < killed_at + 2 and sent[-1] >= back_at - 1
-    assert any(later > earlier + 1 for earlier, later in zip(sent, sent[1:], strict=False))  # the gap of the crash
+    after = [i for i in sent if i >= back_at - 1]
+    assert after and after[0] == back_at - 1 and sent[-1] == rounds - 1
+    before = [i for i in sent if i < killed_at + 1]
+    assert before == ([] if folder_lost else list(range(len(before)))) and (folder_lost or before)
     metrics = [json.loads(line) for line in (Path(result["checkpoint"]) / "metrics.jsonl").read_text().splitlines()]
     assert f"{site}/t1" in metrics[-1]["losses"]  # it contributes to the last iteration
 

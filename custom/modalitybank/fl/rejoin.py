@@ -115,6 +115,7 @@ class SiteRejoin(FLComponent):
             # so the app is deployed only where it is gone
             answer = self._start(engine, job, site, app_name, fl_ctx)
             if answer.startswith(ERROR_MSG_PREFIX) and "app does not exist" in answer:
+                self.logger.info(f"site {site} has no folder of job {job_id} any more: deploying the job to it")
                 self._deploy(engine, job, client, app_name, fl_ctx)
                 answer = self._start(engine, job, site, app_name, fl_ctx)
             if answer.startswith(ERROR_MSG_PREFIX):
