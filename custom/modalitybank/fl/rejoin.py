@@ -19,6 +19,10 @@ starts the running job on it: its parent process only starts job processes when 
 
 The new job process starts as a new site would: its discriminators are fresh, its data is read
 again; the controller takes it back with the hello it probes absent sites with.
+
+Limitation: where the folder is gone *and* the job asks the site for resources (``resource_spec``;
+ours ask none), the site allocates them for the first, failed start and NVFlare frees them only when
+that site's parent process ends.
 """
 
 from __future__ import annotations
