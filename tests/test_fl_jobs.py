@@ -92,6 +92,20 @@ def test_fedavg_job_with_code_carries_the_segmentation_bundle(tmp_path) -> None:
     assert client["executor"]["args"]["local_iterations"] == 4
 
 
+@pytest.mark.parametrize("name", ["modalitybank_multimodal", "fedavg_segmentation"])
+def test_poll_interval_sets_the_server_and_the_sites(tmp_path, name) -> None:
+    """How often an idle site asks for work: the server's task_request_interval (which it tells the sites)
+    and the sites' first fetch interval, from one job argument; the committed jobs hold the default."""
+    job = export_job(name, tmp_path / "job", poll_interval=0.3)
+    server = json.loads((job / "app" / "config" / "config_fed_server.json").read_text())
+    client = json.loads((job / "app" / "config" / "config_fed_client.json").read_text())
+    assert server["server"]["task_request_interval"] == 0.3 and client["default_task_fetch_interval"] == 0.3
+    committed = json.loads((shared_dir("jobs") / name / "app" / "config" / "config_fed_server.json").read_text())
+    assert committed["server"]["task_request_interval"] == app().POLL_INTERVAL
+    with pytest.raises(ValueError, match="poll_interval must be > 0"):
+        export_job(name, tmp_path / "bad", poll_interval=0)
+
+
 def test_unknown_job_arguments_are_refused(tmp_path) -> None:
     with pytest.raises(ValueError, match="unknown arguments \\['data_rot'\\]"):
         export_job("modalitybank_multimodal", tmp_path / "job", data_rot="/x")
