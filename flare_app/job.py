@@ -64,8 +64,9 @@ JOBS: dict[str, dict[str, Any]] = {
 #: How often a site asks the server for work when there is none (seconds; the server's
 #: ``task_request_interval``, which it tells every site, and the sites' first fetch interval). At
 #: NVFlare's defaults (2 s, 0.5 s) latency, not compute, sets the pace; much shorter, the sites' requests
-#: take the CPU from the server's generator pass: in POC at tiny, 0.02 s gave 4.6 s per iteration and
-#: 0.1 s 2.1 s (0.2 s: 2.1, 0.5 s: 2.2). Each request of an idle site costs the server a message round trip.
+#: take the CPU from the server's generator pass: in POC at tiny, 0.02 s gave 3.8-4.6 s per iteration and
+#: 0.1 s 2.1-2.2 s (0.2 s: 2.1, 0.5 s: 2.2; README, Results). Each request of an idle site costs the server a
+#: message round trip.
 POLL_INTERVAL = 0.1
 #: The site-discriminator bundle, carried as ``custom/<name>`` with ``with_code``.
 DISCRIMINATOR_BUNDLE = "site_discriminator"
