@@ -198,3 +198,30 @@ def test_stage_eta_uses_the_times_of_stages_of_the_same_kind(tmp_path: Path) -> 
     assert stages.eta() == pytest.approx(100.0 + per_unit * _COST["seg"])  # gan/b like gan/a; seg by its cost
     stages.run("seg", "seg/x", lambda folder: {"ok": True})
     assert stages.eta() == pytest.approx(100.0)  # only gan/b is left
+
+
+def test_scanner_bias_on_a_z_scored_patch_is_a_raw_intensity_bias_field() -> None:
+    """The bundle's bias-field augmentation acts on z-scored patches; shifted by ``brain_mean_z`` it is
+    exactly a raw-intensity bias field for a brain whose mean is that many standard deviations."""
+    from monai.bundle import ConfigParser
+    from monai.transforms import Compose, RandBiasField
+
+    from modalitybank.resources import bundle_dir
+
+    parser = ConfigParser()
+    parser.read_config(str(bundle_dir("tumor_segmentation") / "configs" / "train.json"))
+    parser["scanner_transforms#1#prob"] = 1.0
+    bias = Compose(parser.get_parsed_content("scanner_transforms")[:3])
+    k = parser.get_parsed_content("brain_mean_z")
+    field_args = {key: parser[f"scanner_transforms#1#{key}"] for key in ("degree", "coeff_range")}
+
+    rng = np.random.default_rng(0)
+    sigma = 50.0
+    raw = torch.as_tensor(k * sigma + sigma * rng.standard_normal((3, 32, 32)), dtype=torch.float32)
+    z = (raw - k * sigma) / sigma
+    bias.transforms[1].set_random_state(7)
+    out = bias({"image": z})["image"]
+    field = RandBiasField(prob=1.0, **field_args).set_random_state(7)(torch.ones(3, 32, 32))
+    assert not torch.allclose(field, torch.ones_like(field))  # a field was drawn
+    expected = (raw * field - k * sigma) / sigma
+    assert torch.allclose(out, expected, atol=1e-4)
