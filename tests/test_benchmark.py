@@ -225,3 +225,38 @@ def test_scanner_bias_on_a_z_scored_patch_is_a_raw_intensity_bias_field() -> Non
     assert not torch.allclose(field, torch.ones_like(field))  # a field was drawn
     expected = (raw * field - k * sigma) / sigma
     assert torch.allclose(out, expected, atol=1e-4)
+
+
+def test_a_workdir_refuses_stages_of_other_settings(tmp_path: Path) -> None:
+    from modalitybank.benchmark.settings import (
+        SETTINGS_FILE,
+        WorkdirSettingsError,
+        check_settings,
+        settings_of,
+    )
+
+    settings = settings_of("tiny", None, None, None)
+    assert settings["bundles"]["tumor_segmentation"] == json.loads(
+        (Path(__file__).resolve().parents[1] / "bundles/tumor_segmentation/configs/metadata.json").read_text())["version"]
+    check_settings(tmp_path, settings)  # a new workdir: recorded
+    assert json.loads((tmp_path / SETTINGS_FILE).read_text()) == settings
+    check_settings(tmp_path, settings_of("tiny", None, None, None))  # the same settings: accepted
+
+    changed = json.loads(json.dumps(settings))
+    changed["preset"]["slices"]["max_slices_per_case"] += 1
+    changed["bundles"]["tumor_segmentation"] = "9.9.9"
+    with pytest.raises(WorkdirSettingsError, match=r"bundles\.tumor_segmentation: \"[0-9.]+\" -> \"9\.9\.9\"; "
+                                                   r"preset\.slices\.max_slices_per_case: 12 -> 13"):
+        check_settings(tmp_path, changed)
+    with pytest.raises(WorkdirSettingsError, match="gan_iterations: null -> 20"):
+        check_settings(tmp_path, settings_of("tiny", None, None, 20))
+    assert json.loads((tmp_path / SETTINGS_FILE).read_text()) == settings  # the record is untouched
+
+    old = tmp_path / "old"
+    (old / "seg" / "real-seed0").mkdir(parents=True)
+    (old / "seg" / "real-seed0" / "stage.json").write_text("{}")
+    with pytest.raises(WorkdirSettingsError, match="no settings.json"):
+        check_settings(old, settings)
+    assert not (old / SETTINGS_FILE).exists()
+    check_settings(old, settings, adopt=True)
+    assert json.loads((old / SETTINGS_FILE).read_text()) == settings

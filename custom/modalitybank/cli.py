@@ -435,9 +435,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", type=int, default=1, help="repeat GAN and segmentation training with N seeds")
     p.add_argument("--rows", nargs="+", default=None, metavar="NAME", help="only these rows of the table")
     p.add_argument("--gan-iterations", type=int, default=None, help="override the preset's pre-training and bank "
-                   "iterations (a quick look; use a fresh workdir)")
+                   "iterations (a quick look; recorded in the workdir's settings)")
     p.add_argument("--workdir", type=Path, default=None, help="stages are computed once here and reused; an "
-                   "interrupted run resumes (default: runs/benchmark-<scale>)")
+                   "interrupted run resumes (default: runs/benchmark-<scale>); one workdir, one set of settings "
+                   "(preset, budget, bundle versions, data), recorded in its settings.json")
+    p.add_argument("--adopt-workdir", action="store_true", help="record this run's settings for a workdir made "
+                   "before settings were recorded (only if its stages were computed with exactly these)")
     p.add_argument("--privacy", default="standard", choices=["standard", "adversarial", "dp"],
                    help="every site's privacy mode while the GANs learn: the synthetic rows show what it costs "
                    "downstream (files table<N>-<mode>...)")
@@ -473,7 +476,8 @@ def cmd_benchmark(a: argparse.Namespace) -> dict[str, Any]:
         if a.privacy == "dp" and a.epsilon is None:
             raise ValueError("--privacy dp needs --epsilon (the budget every site spends over the GAN's iterations)")
     result = run_benchmark(a.table, a.scale, workdir, data=a.data, test_data=a.test_data, seeds=a.seeds,
-                           rows=a.rows, progress=not a.quiet, gan_iterations=a.gan_iterations, privacy=privacy)
+                           rows=a.rows, progress=not a.quiet, gan_iterations=a.gan_iterations, privacy=privacy,
+                           adopt_workdir=a.adopt_workdir)
     print(Path(result["files"]["table"]).read_text(), file=sys.stderr if a.json else sys.stdout)
     if a.json:
         return {"table": result["table"], "seconds": result["seconds"],

@@ -26,6 +26,7 @@ from modalitybank import config
 from modalitybank.benchmark import segment
 from modalitybank.benchmark.plan import Budget, Row, Table, load_table, privacy_variant
 from modalitybank.benchmark.results import write_results
+from modalitybank.benchmark.settings import check_settings, settings_of
 from modalitybank.benchmark.stages import Stages
 
 __all__ = ["Benchmark", "run_benchmark"]
@@ -225,14 +226,16 @@ def _example_modality(modalities: Sequence[str]) -> int:
 def run_benchmark(table: int, scale: str, workdir: str | Path, data: str | Path | None = None,
                   test_data: str | Path | None = None, seeds: int = 1, rows: Sequence[str] | None = None,
                   progress: bool = True, gan_iterations: int | None = None,
-                  privacy: dict[str, Any] | None = None) -> dict[str, Any]:
+                  privacy: dict[str, Any] | None = None, adopt_workdir: bool = False) -> dict[str, Any]:
     """Run table ``table`` at ``scale`` in ``workdir`` (resuming what an earlier run there finished).
 
-    ``gan_iterations`` overrides the preset's pre-training and bank iterations (a quick look; the
-    stages' folder names do not record it, so use a fresh workdir). ``privacy``: every site's privacy
+    ``gan_iterations`` overrides the preset's pre-training and bank iterations (a quick look; a
+    workdir's settings record it). ``privacy``: every site's privacy
     settings while the GANs learn (``{"mode": "adversarial"}``, ``{"mode": "dp", "epsilon": 8}``; see
     :func:`modalitybank.dp.resolve_privacy`): the synthetic rows then show what that mode costs
     downstream, in ``table<N>-<mode>...`` files beside the standard table (real rows are shared).
+    A workdir is for one set of settings (preset, segmentation budget, bundle versions, data): see
+    :mod:`modalitybank.benchmark.settings` (``adopt_workdir``: record them for a workdir made before).
 
     Returns ``{"table", "rows": {name: {"dice", "dice_std", "sens", "spec", "hd95", ...}}, "seconds",
     "files"}`` (dice/sens/spec as fractions, hd95 in mm).
@@ -241,6 +244,8 @@ def run_benchmark(table: int, scale: str, workdir: str | Path, data: str | Path 
         raise ValueError(f"seeds={seeds}: need at least 1")
     work = Path(workdir).resolve()
     work.mkdir(parents=True, exist_ok=True)
+    check_settings(work, settings_of(scale, Path(data).resolve() if data else None,
+                                     Path(test_data).resolve() if test_data else None, gan_iterations), adopt_workdir)
     bench = Benchmark(load_table(table, rows), scale, work, Path(data) if data else None,
                       Path(test_data) if test_data else None, seeds, progress, gan_iterations, privacy)
     (work / f"table{table}{bench.variant}_plan.json").write_text(json.dumps(bench.stages.planned, indent=1))
