@@ -1,5 +1,5 @@
 """Prototype: does instance norm over the whole slice make the generator's intensity depend on brain area?
-usage: python tools/norm_area_experiment.py instance|masked train|eval  (runs in /work/exp/<variant>; ~6 min to train on 2 cores)
+usage: python tools/norm_area_experiment.py instance|masked train|eval  (writes runs/norm_area/<variant>; ~6 min to train on 2 cores)
 
 Finding (2026-12-03): with instance norm over the whole 64x64 slice, the pre-trained generator makes
 peripheral slices darker than real; statistics taken inside the brain only halve that bias.
@@ -50,7 +50,7 @@ def zscore(v, brain):
 
 
 data = default_phantom("small")
-run = Path(f"/work/exp/{variant}")
+run = Path("runs/norm_area") / variant  # relative to where it is run (the README: the repository root)
 if what == "train":
     from modalitybank.training import pretrain
     t = time.time()
