@@ -18,13 +18,13 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
-from monai.networks.layers.factories import Conv, Norm
+from monai.networks.layers.factories import Conv
 from monai.networks.nets import BasicUNet, PatchDiscriminator
 from torch import nn
 
 from modalitybank.bank import ModalityBank
 from modalitybank.config import BRATS_LABELS
-from modalitybank.layers import MAdaFMConv
+from modalitybank.layers import BrainInstanceNorm, MAdaFMConv
 
 __all__ = [
     "MASK_CHANNELS",
@@ -35,6 +35,9 @@ __all__ = [
     "mask_channels",
     "segmentation_network",
 ]
+
+#: The generator's normalisations (:class:`ResnetGenerator` ``norm``).
+NORMS = ("brain", "instance")
 
 #: Generator input channels: one-hot BraTS labels (0, 1, 2, 4) and the brain mask.
 MASK_CHANNELS = len(BRATS_LABELS) + 1
@@ -68,24 +71,36 @@ def _conv(modulated: bool, spatial_dims: int, cin: int, cout: int, kernel: int, 
 
 
 class _ResidualBlock(nn.Module):
-    def __init__(self, modulated: bool, spatial_dims: int, channels: int) -> None:
-        super().__init__()
-        norm = Norm[Norm.INSTANCE, spatial_dims]
-        self.body = nn.Sequential(
-            _conv(modulated, spatial_dims, channels, channels, 3, padding=1, padding_mode="reflect"),
-            norm(channels), nn.ReLU(inplace=True),
-            _conv(modulated, spatial_dims, channels, channels, 3, padding=1, padding_mode="reflect"),
-            norm(channels),
-        )
+    """conv → norm → ReLU → conv → norm, added to the input; the norms see the brain mask."""
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.body(x)
+    def __init__(self, modulated: bool, spatial_dims: int, channels: int, masked_norm: bool) -> None:
+        super().__init__()
+        self.takes_brain = True  # forward(x, brain): see ResnetGenerator.forward
+        # indices as in the nn.Sequential of the generators before 0.3.0, so saved bank entries keep their names
+        self.body = nn.ModuleList([
+            _conv(modulated, spatial_dims, channels, channels, 3, padding=1, padding_mode="reflect"),
+            BrainInstanceNorm(masked_norm), nn.ReLU(inplace=True),
+            _conv(modulated, spatial_dims, channels, channels, 3, padding=1, padding_mode="reflect"),
+            BrainInstanceNorm(masked_norm),
+        ])
+
+    def forward(self, x: torch.Tensor, brain: torch.Tensor) -> torch.Tensor:
+        h = x
+        for layer in self.body:
+            if hasattr(layer, "takes_brain"):
+                h = layer(h, brain)
+            else:
+                h = layer(h)
+        return x + h
 
 
 class ResnetGenerator(nn.Module):
     """pix2pix ResNet generator: 7×7 stem, ``n_downsampling`` strided convs, ``n_blocks`` residual
     blocks, as many transposed convs, 7×7 head, ``tanh``. Instance norm without affine
-    parameters, so that a bank entry alone decides a modality's style.
+    parameters, so that a bank entry alone decides a modality's style, with its statistics taken
+    inside the brain (:class:`~modalitybank.layers.BrainInstanceNorm`; the last input channel is
+    the brain mask), so that a slice's intensities do not depend on how much of the frame the brain
+    covers.
 
     Args:
         spatial_dims: 2 (slices) or 3 (volumes).
@@ -98,6 +113,8 @@ class ResnetGenerator(nn.Module):
         output_modalities: the modality of each output channel, for a multi-channel generator.
         base_modality: the modality the plain base makes (the one it was pre-trained on); it is
             generated without a bank entry unless the bank holds an entry of that name.
+        norm: ``"brain"`` (statistics inside the brain mask) or ``"instance"`` (over the whole
+            slice: the generators saved before the ``norm`` setting existed).
 
     Shapes: ``(N, in_channels, *spatial)`` → ``(N, out_channels, *spatial)`` in [-1, 1].
 
@@ -113,34 +130,37 @@ class ResnetGenerator(nn.Module):
 
     def __init__(self, spatial_dims: int = 2, in_channels: int = MASK_CHANNELS, out_channels: int = 1, ngf: int = 32,
                  n_blocks: int = 4, n_downsampling: int = 2, modulated: bool = True,
-                 output_modalities: Sequence[str] | None = None, base_modality: str | None = None) -> None:
+                 output_modalities: Sequence[str] | None = None, base_modality: str | None = None,
+                 norm: str = "brain") -> None:
         super().__init__()
+        if norm not in NORMS:
+            raise ValueError(f"norm must be one of {NORMS}, not {norm!r}")
         if output_modalities is not None and len(output_modalities) != out_channels:
             raise ValueError(f"output_modalities {list(output_modalities)} must name all {out_channels} output channels")
         self.config: dict[str, Any] = {
             "spatial_dims": spatial_dims, "in_channels": in_channels, "out_channels": out_channels, "ngf": ngf,
             "n_blocks": n_blocks, "n_downsampling": n_downsampling, "modulated": modulated,
             "output_modalities": list(output_modalities) if output_modalities is not None else None,
-            "base_modality": base_modality,
+            "base_modality": base_modality, "norm": norm,
         }
-        norm = Norm[Norm.INSTANCE, spatial_dims]
+        masked = norm == "brain"
         layers: list[nn.Module] = [
             _conv(modulated, spatial_dims, in_channels, ngf, 7, padding=3, padding_mode="reflect"),
-            norm(ngf), nn.ReLU(inplace=True),
+            BrainInstanceNorm(masked), nn.ReLU(inplace=True),
         ]
         channels = ngf
         for _ in range(n_downsampling):
             layers += [_conv(modulated, spatial_dims, channels, channels * 2, 3, stride=2, padding=1),
-                       norm(channels * 2), nn.ReLU(inplace=True)]
+                       BrainInstanceNorm(masked), nn.ReLU(inplace=True)]
             channels *= 2
-        layers += [_ResidualBlock(modulated, spatial_dims, channels) for _ in range(n_blocks)]
+        layers += [_ResidualBlock(modulated, spatial_dims, channels, masked) for _ in range(n_blocks)]
         for _ in range(n_downsampling):
             layers += [_conv(modulated, spatial_dims, channels, channels // 2, 3, stride=2, padding=1, transposed=True),
-                       norm(channels // 2), nn.ReLU(inplace=True)]
+                       BrainInstanceNorm(masked), nn.ReLU(inplace=True)]
             channels //= 2
         layers += [_conv(modulated, spatial_dims, channels, out_channels, 7, padding=3, padding_mode="reflect"),
                    nn.Tanh()]
-        self.model = nn.Sequential(*layers)
+        self.model = nn.ModuleList(layers)  # keys as the nn.Sequential of earlier versions
         self._bank = ModalityBank(self) if modulated else None
 
     @property
@@ -151,7 +171,16 @@ class ResnetGenerator(nn.Module):
         return self._bank
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model(x)
+        brain = x[:, -1:]
+        h = x
+        for layer in self.model:
+            # hasattr, not isinstance: TorchScript resolves it per layer even when the same class appears
+            # under several compiled types (masked or not, other widths)
+            if hasattr(layer, "takes_brain"):
+                h = layer(h, brain)
+            else:
+                h = layer(h)
+        return h
 
     def generate(self, mask: torch.Tensor, modalities: Sequence[str]) -> dict[str, torch.Tensor]:
         """Synthesise ``modalities`` from mask channels: ``{modality: (N, 1, *spatial)}``.
@@ -201,7 +230,8 @@ def build_generator(model: dict[str, Any], spatial_dims: int = 2, output_modalit
     multi = output_modalities is not None
     return ResnetGenerator(spatial_dims=spatial_dims, out_channels=len(output_modalities) if multi else 1,
                            ngf=model["ngf"], n_blocks=model["n_blocks"], n_downsampling=model["n_downsampling"],
-                           modulated=not multi, output_modalities=output_modalities, base_modality=base_modality)
+                           modulated=not multi, output_modalities=output_modalities, base_modality=base_modality,
+                           norm=model["norm"])
 
 
 class ConditionalDiscriminator(nn.Module):

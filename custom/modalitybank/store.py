@@ -23,7 +23,10 @@ from modalitybank.networks import ResnetGenerator
 __all__ = ["load_generator", "made_modalities", "read_info", "save_generator"]
 
 _ARCH_KEYS = ("spatial_dims", "in_channels", "out_channels", "ngf", "n_blocks", "n_downsampling", "modulated",
-              "output_modalities", "base_modality")
+              "output_modalities", "base_modality", "norm")
+
+#: The setting a generator saved without it was trained with (the norm setting came in bundle 0.3.0).
+_LEGACY_ARCH = {"norm": "instance"}
 
 
 def save_generator(generator: ResnetGenerator, folder: str | Path, meta: dict[str, Any] | None = None,
@@ -54,7 +57,9 @@ def read_info(folder: str | Path) -> dict[str, Any]:
     path = Path(folder) / "generator.json"
     if not path.is_file():
         raise FileNotFoundError(f"{folder}: no generator here (generator.json missing)")
-    return json.loads(path.read_text())
+    info = json.loads(path.read_text())
+    info["architecture"] = {**_LEGACY_ARCH, **info["architecture"]}
+    return info
 
 
 def made_modalities(folder: str | Path, with_base: bool = False) -> list[str]:
