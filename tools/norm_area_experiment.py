@@ -1,8 +1,13 @@
-"""Prototype: does instance norm over the whole slice make the generator's intensity depend on brain area?
-usage: python tools/norm_area_experiment.py instance|masked train|eval  (writes runs/norm_area/<variant>; ~6 min to train on 2 cores)
+"""Does the generator's intensity depend on how much of the frame the brain covers? Whole-slice
+instance norm (``instance``) against brain-masked instance norm (``brain``, the preset default since
+generator bundle 0.3.0).
 
-Finding (2026-12-03): with instance norm over the whole 64x64 slice, the pre-trained generator makes
-peripheral slices darker than real; statistics taken inside the brain only halve that bias.
+usage: python tools/norm_area_experiment.py instance|brain train|eval
+(writes runs/norm_area/<variant>; ~6 min to train on 2 cores)
+
+``train`` pre-trains the generator on the LGG-like T1c source at ``small`` with the preset's
+``model.norm`` set to the variant; ``eval`` synthesises the HGG test cases' T1c and prints the mean
+error (fake - real, z of the volume) by brain-area bin (a slice's brain area over the case's largest).
 """
 import json
 import sys
@@ -11,36 +16,23 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn as nn
-import torch.nn.functional as F
 
 torch.set_num_threads(1)
 variant, what = sys.argv[1], sys.argv[2]
-import modalitybank.networks as nets  # noqa: E402  (patched before anything builds a generator)
+import modalitybank.config as config  # noqa: E402
+
+if variant not in ("instance", "brain"):
+    raise SystemExit(f"variant must be instance or brain, not {variant!r}")
+_preset = config.preset
 
 
-class MaskedInstanceNorm(nn.Module):
-    mask = None  # (N,1,H,W) set by the generator's pre-hook
-    def __init__(self, channels, **kw):
-        super().__init__()
-    def forward(self, h):
-        w = F.interpolate(MaskedInstanceNorm.mask, size=h.shape[2:], mode="area")
-        s = w.sum(dim=(2, 3), keepdim=True).clamp_min(1e-3)
-        mean = (w * h).sum(dim=(2, 3), keepdim=True) / s
-        var = (w * (h - mean) ** 2).sum(dim=(2, 3), keepdim=True) / s
-        return (h - mean) / torch.sqrt(var + 1e-5)
+def preset_with_norm(scale: str) -> dict:
+    p = _preset(scale)
+    p["model"]["norm"] = variant
+    return p
 
-if variant == "masked":
-    class _Fac:
-        INSTANCE = "instance"
-        def __getitem__(self, key):
-            return MaskedInstanceNorm
-    nets.Norm = _Fac()
-    orig_init = nets.ResnetGenerator.__init__
-    def init(self, *a, **k):
-        orig_init(self, *a, **k)
-        self.register_forward_pre_hook(lambda mod, args: setattr(MaskedInstanceNorm, "mask", args[0][:, 4:5]))
-    nets.ResnetGenerator.__init__ = init
+
+config.preset = preset_with_norm  # the generator is built from the preset's model section
 
 from modalitybank.data.default import default_phantom  # noqa: E402
 
@@ -57,7 +49,6 @@ if what == "train":
     out = pretrain(run, data, scale="small", progress=False)
     print(json.dumps({k: v for k, v in out.items() if not isinstance(v, (dict, list))}), time.time() - t)
 else:
-    from modalitybank import config
     from modalitybank.data.brats import load_case, scan_cases, split_cases
     from modalitybank.store import load_generator
     from modalitybank.synthesis import synthesize_volume
