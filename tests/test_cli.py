@@ -45,6 +45,7 @@ def test_bench_layers_json() -> None:
     result = last_json(run("bench", "layers", "--scale", "tiny", "--steps", "1", "--rounds", "2", "--json"))
     assert result["train_ratio"] > 0 and result["infer_ratio"] > 0
     assert result["train_seconds_plain"] > 0 and result["infer_seconds_plain"] > 0
+    assert result["norm"] == "brain" and result["norm_train_ratio"] > 0
 
 
 def test_bad_data_folder_is_a_clear_error(tmp_path) -> None:

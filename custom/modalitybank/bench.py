@@ -38,20 +38,26 @@ def bench_layers(scale: str = "small", steps: int = 5, rounds: int = 7, seed: in
     Training: forward + backward + Adam step, the mAdaFM generator learning one bank entry
     (frozen base), the plain one learning all its weights (as in pre-training). Inference: the
     mAdaFM generator with its entry folded into plain convolutions, against the plain generator.
+    ``norm_train_ratio``: the mAdaFM training step with the preset's norm against the same step with
+    whole-slice instance norm (the cost of taking the statistics inside the brain).
     """
     p = config.preset(scale)
     model, size, batch = p["model"], p["slices"]["image_size"], p["train"]["batch_size"]
     torch.manual_seed(seed)
-    kwargs = {"ngf": model["ngf"], "n_blocks": model["n_blocks"], "n_downsampling": model["n_downsampling"]}
+    kwargs = {"ngf": model["ngf"], "n_blocks": model["n_blocks"], "n_downsampling": model["n_downsampling"],
+              "norm": model["norm"]}
     madafm = ResnetGenerator(modulated=True, **kwargs)
-    madafm.bank.add("flair")
-    madafm.bank.freeze_base()
-    madafm.bank.use("flair")
+    unmasked = ResnetGenerator(modulated=True, **{**kwargs, "norm": "instance"})
+    for net in (madafm, unmasked):
+        net.bank.add("flair")
+        net.bank.freeze_base()
+        net.bank.use("flair")
     plain = ResnetGenerator(modulated=False, **kwargs)
     x = torch.rand(batch, MASK_CHANNELS, size, size)
     target = torch.rand(batch, 1, size, size) * 2 - 1
     opt_madafm = torch.optim.Adam(madafm.bank.entry_parameters("flair"), lr=2e-4)
     opt_plain = torch.optim.Adam(plain.parameters(), lr=2e-4)
+    opt_unmasked = torch.optim.Adam(unmasked.bank.entry_parameters("flair"), lr=2e-4)
 
     def train(net: torch.nn.Module, opt: torch.optim.Optimizer) -> Callable[[], None]:
         def step() -> None:
@@ -60,7 +66,8 @@ def bench_layers(scale: str = "small", steps: int = 5, rounds: int = 7, seed: in
             opt.step()
         return step
 
-    train_times = side_by_side({"madafm": train(madafm, opt_madafm), "plain": train(plain, opt_plain)}, steps, rounds)
+    train_times = side_by_side({"madafm": train(madafm, opt_madafm), "plain": train(plain, opt_plain),
+                                "madafm_instance_norm": train(unmasked, opt_unmasked)}, steps, rounds)
     folded = madafm.bank.fold("flair")
     plain.eval()
 
@@ -74,6 +81,8 @@ def bench_layers(scale: str = "small", steps: int = 5, rounds: int = 7, seed: in
     return {
         "train_ratio": round(train_times["madafm"] / train_times["plain"], 4),
         "infer_ratio": round(infer_times["madafm"] / infer_times["plain"], 4),
+        "norm": model["norm"],
+        "norm_train_ratio": round(train_times["madafm"] / train_times["madafm_instance_norm"], 4),
         "train_seconds_madafm": round(train_times["madafm"], 5),
         "train_seconds_plain": round(train_times["plain"], 5),
         "infer_seconds_madafm": round(infer_times["madafm"], 5),
