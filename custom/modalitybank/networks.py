@@ -70,14 +70,29 @@ def _conv(modulated: bool, spatial_dims: int, cin: int, cout: int, kernel: int, 
     return Conv[Conv.CONV, spatial_dims](cin, cout, kernel, stride=stride, padding=padding, padding_mode=padding_mode)
 
 
+class _BrainSequential(nn.ModuleList):
+    """Layers run in sequence; those with a ``takes_brain`` attribute (the norms, the residual blocks)
+    also get the brain mask. A ``ModuleList``, so parameter names are those of an ``nn.Sequential``."""
+
+    def forward(self, x: torch.Tensor, brain: torch.Tensor) -> torch.Tensor:
+        for layer in self:
+            # hasattr, not isinstance: TorchScript resolves it per layer even when the same class appears
+            # under several compiled types (masked or not, other widths)
+            if hasattr(layer, "takes_brain"):
+                x = layer(x, brain)
+            else:
+                x = layer(x)
+        return x
+
+
 class _ResidualBlock(nn.Module):
     """conv → norm → ReLU → conv → norm, added to the input; the norms see the brain mask."""
 
     def __init__(self, modulated: bool, spatial_dims: int, channels: int, masked_norm: bool) -> None:
         super().__init__()
-        self.takes_brain = True  # forward(x, brain): see ResnetGenerator.forward
+        self.takes_brain = True  # forward(x, brain): see _BrainSequential
         # indices as in the nn.Sequential of the generators before 0.3.0, so saved bank entries keep their names
-        self.body = nn.ModuleList([
+        self.body = _BrainSequential([
             _conv(modulated, spatial_dims, channels, channels, 3, padding=1, padding_mode="reflect"),
             BrainInstanceNorm(masked_norm), nn.ReLU(inplace=True),
             _conv(modulated, spatial_dims, channels, channels, 3, padding=1, padding_mode="reflect"),
@@ -85,13 +100,7 @@ class _ResidualBlock(nn.Module):
         ])
 
     def forward(self, x: torch.Tensor, brain: torch.Tensor) -> torch.Tensor:
-        h = x
-        for layer in self.body:
-            if hasattr(layer, "takes_brain"):
-                h = layer(h, brain)
-            else:
-                h = layer(h)
-        return x + h
+        return x + self.body(x, brain)
 
 
 class ResnetGenerator(nn.Module):
@@ -160,7 +169,7 @@ class ResnetGenerator(nn.Module):
             channels //= 2
         layers += [_conv(modulated, spatial_dims, channels, out_channels, 7, padding=3, padding_mode="reflect"),
                    nn.Tanh()]
-        self.model = nn.ModuleList(layers)  # keys as the nn.Sequential of earlier versions
+        self.model = _BrainSequential(layers)  # keys as the nn.Sequential of earlier versions
         self._bank = ModalityBank(self) if modulated else None
 
     @property
@@ -171,16 +180,7 @@ class ResnetGenerator(nn.Module):
         return self._bank
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        brain = x[:, -1:]
-        h = x
-        for layer in self.model:
-            # hasattr, not isinstance: TorchScript resolves it per layer even when the same class appears
-            # under several compiled types (masked or not, other widths)
-            if hasattr(layer, "takes_brain"):
-                h = layer(h, brain)
-            else:
-                h = layer(h)
-        return h
+        return self.model(x, x[:, -1:])  # the last input channel is the brain mask
 
     def generate(self, mask: torch.Tensor, modalities: Sequence[str]) -> dict[str, torch.Tensor]:
         """Synthesise ``modalities`` from mask channels: ``{modality: (N, 1, *spatial)}``.
