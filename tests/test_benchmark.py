@@ -92,6 +92,8 @@ def test_tables_share_recipes_and_follow_the_paper() -> None:
     assert keys3["ModalityBank (LGG T1c)"] == keys1["ModalityBank"]
     assert len({r.key for r in t3.rows}) == len(t3.rows)
     rows2 = {r.name: r for r in t2.rows}
+    # the ceiling of Table II's synthetic rows: every centre's real T1c, T2 and FLAIR, those its site lacks included
+    assert rows2["Real-All@GAN-view"].generator == "resampled" and rows2["Real-All@GAN-view"].present is None
     assert rows2["Real-CBICA(n/a:T2)"].present == ("t1c", "flair")
     assert rows2["Real-TCIA(n/a:FLAIR)"].present == ("t1c", "t2")
     assert rows2["Real-Other(n/a:T1c)"].present == ("t2", "flair")
@@ -99,6 +101,10 @@ def test_tables_share_recipes_and_follow_the_paper() -> None:
     assert {r.source for r in t3.rows if r.generator} == {"lgg", "hgg", "nonbrain"}
     with pytest.raises(ValueError, match="no rows"):
         load_table(1, ["Real-Nowhere"])
+    # a diagnostic row runs only when named
+    assert "ModalityBank (HGG T1c)" not in rows2
+    named = load_table(2, ["ModalityBank", "ModalityBank (HGG T1c)"])
+    assert [(r.name, r.source) for r in named.rows] == [("ModalityBank", "lgg"), ("ModalityBank (HGG T1c)", "hgg")]
 
 
 def test_budget_is_the_same_for_central_and_federated_rows() -> None:
@@ -184,6 +190,15 @@ def test_benchmark_table_1_end_to_end_at_tiny(phantom_root: Path, tmp_path: Path
     log = (work / "gan/bank-multimodal-lgg-seed0-adversarial/simulator.log").read_text()
     assert log.count("'mode': 'adversarial'") >= 3  # every site joined in the mode its own settings name
     assert json.loads((work / "table1.json").read_text()) == again  # the standard table untouched
+    # a longer bank in stages of its own, continuing the 6-iteration one: its generator and the sites' discriminators
+    assert main([*args, "--rows", "ModalityBank", "--bank-iterations", "9"]) == 0
+    longer = json.loads((work / "table1-it9.json").read_text())
+    gan = longer["generators"]["gan/bank-multimodal-lgg-seed0-it9"]
+    assert gan["accepted_iterations"] == 9 and gan["continued_from"] == "gan/bank-multimodal-lgg-seed0"
+    log = (work / "gan/bank-multimodal-lgg-seed0-it9/simulator.log").read_text()
+    assert "at iteration 6" in log and log.count("resumed discriminators from") == 3
+    assert not longer["stages"]["seg/synthetic_multimodal_bank-lgg-seed0-it9"]["reused"]
+    assert json.loads((work / "table1.json").read_text()) == again
 
 
 def test_stage_eta_uses_the_times_of_stages_of_the_same_kind(tmp_path: Path) -> None:

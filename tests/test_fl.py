@@ -69,7 +69,12 @@ def test_missing_modality_job_guards_faults_and_resumes(phantom_root, cache_dir,
     assert resumed["rounds"] == 4  # + iterations 4 and 5
     grads = [e for e in _ledger(next(p for p in resumed["ledgers"] if "/site-1/" in p)) if e["key"] == "grad/t1c"]
     assert grads and all(e["dtype"] == "float16" and e["bytes"] == 8 * 64 * 64 * 2 for e in grads)
-    assert "resumed from the checkpoint" in Path(resumed["log"]).read_text()
+    log = Path(resumed["log"]).read_text()
+    assert "resumed from the checkpoint" in log
+    # the sites' discriminators continue too: the simulator wipes its workspace, their state lives beside it
+    assert log.count("resumed discriminators from") == 3
+    assert sorted(p.parts[-4] for p in (tmp_path / "sites").glob("*/modalitybank/*/discriminators.pt")) == \
+        ["site-1", "site-2", "site-3"]
     gen = load_generator(resumed["checkpoint"])
     assert sorted(gen.bank.modalities) == ["flair", "t1c", "t2"]
     before = torch.load(Path(pretrained) / "base.pt", weights_only=True)["state"]

@@ -436,6 +436,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rows", nargs="+", default=None, metavar="NAME", help="only these rows of the table")
     p.add_argument("--gan-iterations", type=int, default=None, help="override the preset's pre-training and bank "
                    "iterations (a quick look; recorded in the workdir's settings)")
+    p.add_argument("--bank-iterations", type=int, default=None, help="the federated GANs' iterations (bank, "
+                   "AsynDGAN) for this run's synthetic rows, in stages of their own (gan/...-it<N>, files "
+                   "table<N>-it<N>...; pre-training keeps the preset's); a longer GAN continues the longest "
+                   "shorter one of the same recipe in the workdir")
     p.add_argument("--workdir", type=Path, default=None, help="stages are computed once here and reused; an "
                    "interrupted run resumes (default: runs/benchmark-<scale>); one workdir, one set of settings "
                    "(preset, budget, bundle versions, data), recorded in its settings.json")
@@ -476,7 +480,8 @@ def cmd_benchmark(a: argparse.Namespace) -> dict[str, Any]:
         if a.privacy == "dp" and a.epsilon is None:
             raise ValueError("--privacy dp needs --epsilon (the budget every site spends over the GAN's iterations)")
     result = run_benchmark(a.table, a.scale, workdir, data=a.data, test_data=a.test_data, seeds=a.seeds,
-                           rows=a.rows, progress=not a.quiet, gan_iterations=a.gan_iterations, privacy=privacy,
+                           rows=a.rows, progress=not a.quiet, gan_iterations=a.gan_iterations,
+                           bank_iterations=a.bank_iterations, privacy=privacy,
                            adopt_workdir=a.adopt_workdir)
     print(Path(result["files"]["table"]).read_text(), file=sys.stderr if a.json else sys.stdout)
     if a.json:

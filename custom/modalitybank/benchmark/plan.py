@@ -13,7 +13,7 @@ from typing import Any
 
 from modalitybank import config
 
-__all__ = ["Budget", "Row", "Table", "benchmark_config", "load_table", "privacy_variant"]
+__all__ = ["Budget", "Row", "Table", "benchmark_config", "iterations_variant", "load_table", "privacy_variant"]
 
 TRAIN_KINDS = ("real", "fedavg", "synthetic", "completed")
 
@@ -118,8 +118,19 @@ def privacy_variant(privacy: dict[str, Any] | None) -> str:
     return text
 
 
+def iterations_variant(bank_iterations: int | None) -> str:
+    """The suffix of the GAN, synthesis and synthetic-row stages of federated GANs run for
+    ``bank_iterations`` instead of the preset's (``""`` for the preset's): ``-it2000``."""
+    if bank_iterations is None:
+        return ""
+    if bank_iterations < 1:
+        raise ValueError(f"bank_iterations={bank_iterations}: need at least 1")
+    return f"-it{bank_iterations}"
+
+
 def load_table(number: int, rows: Sequence[str] | None = None) -> Table:
-    """Table ``number`` of ``configs/benchmark.json``, restricted to the rows named in ``rows``."""
+    """Table ``number`` of ``configs/benchmark.json``, restricted to the rows named in ``rows``; a table's
+    ``extra_rows`` (diagnostics beyond the paper, too costly to run every time) only when ``rows`` names them."""
     tables = benchmark_config()["tables"]
     if str(number) not in tables:
         raise ValueError(f"no table {number}; configs/benchmark.json has tables {sorted(tables)}")
@@ -128,7 +139,8 @@ def load_table(number: int, rows: Sequence[str] | None = None) -> Table:
     exp = config.experiment(experiment)
     modalities = tuple(exp["targets"])
     out = []
-    for r in spec["rows"]:
+    extra = [r for r in spec.get("extra_rows", []) if rows and r["name"] in rows]  # diagnostics, run when named
+    for r in spec["rows"] + extra:
         if r["train"] not in TRAIN_KINDS:
             raise ValueError(f"table {number}, row {r['name']}: train {r['train']!r} is not one of {TRAIN_KINDS}")
         centres = tuple(r["centres"]) if r.get("centres") else None
@@ -139,6 +151,7 @@ def load_table(number: int, rows: Sequence[str] | None = None) -> Table:
     if rows:
         unknown = sorted(set(rows) - {r.name for r in out})
         if unknown:
-            raise ValueError(f"table {number} has no rows {unknown}; its rows: {[r.name for r in out]}")
+            raise ValueError(f"table {number} has no rows {unknown}; its rows: {[r.name for r in out]}, "
+                             f"extra rows: {[r['name'] for r in spec.get('extra_rows', [])]}")
         out = [r for r in out if r.name in rows]
     return Table(number, spec["title"], experiment, modalities, tuple(out), spec.get("paper", {}))

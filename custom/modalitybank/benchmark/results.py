@@ -169,7 +169,8 @@ def write_results(table: Table, work: Path, results: Mapping[str, list[dict[str,
                     for name, s in summary.items()},
            "separated": [list(p) for p in separated_pairs(summary)],
            "generators": {name: {"quality": g.get("quality"), "accepted_iterations": g.get("accepted_iterations"),
-                                 "sites": g.get("sites")} for name, g in gans.items()},
+                                 "sites": g.get("sites"), "continued_from": g.get("continued_from")}
+                          for name, g in gans.items()},
            "stages": dict(stage_times), "figures": figures, "seconds": round(seconds, 1),
            "files": {"table": str(work / f"{stem}.md"), "json": str(work / f"{stem}.json")}}
     (work / f"{stem}.json").write_text(json.dumps(out, indent=2))

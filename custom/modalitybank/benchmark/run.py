@@ -17,6 +17,7 @@ Stages, each computed once in the workdir and shared by the rows and tables that
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -24,7 +25,7 @@ from typing import Any
 
 from modalitybank import config
 from modalitybank.benchmark import segment
-from modalitybank.benchmark.plan import Budget, Row, Table, load_table, privacy_variant
+from modalitybank.benchmark.plan import Budget, Row, Table, iterations_variant, load_table, privacy_variant
 from modalitybank.benchmark.results import write_results
 from modalitybank.benchmark.settings import check_settings, settings_of
 from modalitybank.benchmark.stages import Stages
@@ -37,11 +38,13 @@ class Benchmark:
 
     def __init__(self, table: Table, scale: str, workdir: Path, data: Path | None = None,
                  test_data: Path | None = None, seeds: int = 1, progress: bool = True,
-                 gan_iterations: int | None = None, privacy: dict[str, Any] | None = None) -> None:
+                 gan_iterations: int | None = None, privacy: dict[str, Any] | None = None,
+                 bank_iterations: int | None = None) -> None:
         self.table, self.scale, self.work = table, scale, workdir
         self.privacy = privacy  # the sites' privacy settings while the GANs learn (None: the paper's, standard)
-        self.variant = privacy_variant(privacy)
+        self.variant = privacy_variant(privacy) + iterations_variant(bank_iterations)
         self.gan_iterations = gan_iterations  # None: the preset's (pre-training and bank alike)
+        self.bank_iterations = bank_iterations  # None: gan_iterations, else the preset's (the federated GANs only)
         self.budget = Budget.of(scale)
         self.own_data = data is None
         self.data = (workdir / "data") if data is None else data.resolve()
@@ -117,19 +120,49 @@ class Benchmark:
         else:
             job, extra = "asyndgan", {}
 
+        rounds = self.bank_iterations or self.gan_iterations
+
         def learn(folder: Path) -> dict[str, Any]:
+            continued = self._continue_shorter(row, seed, folder) if self.bank_iterations else None
             if self.privacy:  # every site's own settings, as a hospital sets them (the job cannot)
-                steps = self.gan_iterations or config.preset(self.scale)["train"]["bank_iterations"]
+                steps = rounds or config.preset(self.scale)["train"]["bank_iterations"]
                 own = {**self.privacy, "steps": steps} if self.privacy["mode"] == "dp" else self.privacy
                 (folder / "site_config.json").write_text(json.dumps({"default": {"privacy": own}}))
                 extra["site_config"] = folder / "site_config.json"
-            fl = simulate(job, folder, scale=self.scale, rounds=self.gan_iterations, progress=False,
+            fl = simulate(job, folder, scale=self.scale, rounds=rounds, progress=False,
                           data_root=str(self.data), cache_dir=str(self.cache), seed=seed, **extra)
             report = report_run(fl["checkpoint"], self.data, self.scale, row.experiment, cache_dir=self.cache)
             return {"checkpoint": fl["checkpoint"], "accepted_iterations": fl["rounds"], "sites": fl["sites"],
-                    "quality": report["quality"], "figure": report["figure"], "loss_curves": report["loss_curves"]}
+                    "quality": report["quality"], "figure": report["figure"], "loss_curves": report["loss_curves"],
+                    "continued_from": continued}
 
         return Path(self.stages.run("gan", self._gan_name(row, seed), learn)["checkpoint"])
+
+    def _continue_shorter(self, row: Row, seed: int, folder: Path) -> str | None:
+        """Seed ``folder`` (a GAN stage of ``bank_iterations``) with the longest shorter finished GAN of the same
+        recipe in the workdir: its generator checkpoint and the sites' discriminators, which the simulator then
+        resumes. The learning rate is constant, so continuing is training longer. Returns that stage's name."""
+        from modalitybank.fl.jobs import read_run
+
+        if (folder / "checkpoint").exists():  # an interrupted run of this stage: it resumes itself
+            return None
+        base = f"gan/{row.generator_key}-seed{seed}{privacy_variant(self.privacy)}"
+        shorter = []
+        for name in [base, *(f"gan/{p.name}" for p in self.work.glob(f"{base}-it*"))]:
+            run = read_run(self.stages.path(name) / "checkpoint") if self.stages.done(name) else None
+            if run and run["status"] == "completed" and run["iterations"] < (self.bank_iterations or 0):
+                shorter.append((run["iterations"], name))
+        if not shorter:
+            return None
+        name = max(shorter)[1]
+        source = self.stages.path(name)
+        shutil.copytree(source / "checkpoint", folder / "checkpoint")
+        sites = [p for p in (source / "sites").glob("*") if p.is_dir()]
+        # a stage made before the sites kept their state outside the simulator's workspace
+        sites = sites or [p.parent for p in (source / "workspace").glob("*/modalitybank")]
+        for site in sites:
+            shutil.copytree(site / "modalitybank", folder / "sites" / site.name / "modalitybank")
+        return name
 
     def synthetic_datalist(self, row: Row, seed: int) -> str:
         from modalitybank.synthesis import synthesize_cases, synthesize_run
@@ -226,11 +259,14 @@ def _example_modality(modalities: Sequence[str]) -> int:
 def run_benchmark(table: int, scale: str, workdir: str | Path, data: str | Path | None = None,
                   test_data: str | Path | None = None, seeds: int = 1, rows: Sequence[str] | None = None,
                   progress: bool = True, gan_iterations: int | None = None,
-                  privacy: dict[str, Any] | None = None, adopt_workdir: bool = False) -> dict[str, Any]:
+                  privacy: dict[str, Any] | None = None, adopt_workdir: bool = False,
+                  bank_iterations: int | None = None) -> dict[str, Any]:
     """Run table ``table`` at ``scale`` in ``workdir`` (resuming what an earlier run there finished).
 
     ``gan_iterations`` overrides the preset's pre-training and bank iterations (a quick look; a
-    workdir's settings record it). ``privacy``: every site's privacy
+    workdir's settings record it). ``bank_iterations`` sets the federated GANs' iterations only, in stages
+    of their own beside the preset's (``gan/...-it<N>``, ``table<N>-it<N>...``); such a GAN continues the
+    longest shorter GAN of its recipe finished in the workdir. ``privacy``: every site's privacy
     settings while the GANs learn (``{"mode": "adversarial"}``, ``{"mode": "dp", "epsilon": 8}``; see
     :func:`modalitybank.dp.resolve_privacy`): the synthetic rows then show what that mode costs
     downstream, in ``table<N>-<mode>...`` files beside the standard table (real rows are shared).
@@ -247,6 +283,7 @@ def run_benchmark(table: int, scale: str, workdir: str | Path, data: str | Path 
     check_settings(work, settings_of(scale, Path(data).resolve() if data else None,
                                      Path(test_data).resolve() if test_data else None, gan_iterations), adopt_workdir)
     bench = Benchmark(load_table(table, rows), scale, work, Path(data) if data else None,
-                      Path(test_data) if test_data else None, seeds, progress, gan_iterations, privacy)
+                      Path(test_data) if test_data else None, seeds, progress, gan_iterations, privacy,
+                      bank_iterations)
     (work / f"table{table}{bench.variant}_plan.json").write_text(json.dumps(bench.stages.planned, indent=1))
     return bench.run()

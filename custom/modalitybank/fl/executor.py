@@ -32,7 +32,7 @@ from modalitybank.bank import atomic_save
 from modalitybank.dp import PrivacySettings, resolve_privacy
 from modalitybank.fl import wire
 from modalitybank.fl.privacy import LOSSES_ALLOWED
-from modalitybank.fl.site_config import read_site_config
+from modalitybank.fl.site_config import read_site_config, site_state_dir
 from modalitybank.gan import GanLoss, SiteBatch, SiteModel, site_step
 from modalitybank.resources import bundle_dir
 from modalitybank.training import BatchStream, TrainSettings, make_site_models
@@ -76,7 +76,8 @@ class SiteExecutor(Executor):
         data_root: the site's BraTS-layout folder; empty: the embedded phantom (built on first use).
         cache_dir: slice cache; empty: next to the shared phantom cache.
         seed: batch order and initialisation.
-        checkpoint_every: save the discriminators every so many iterations (in the site's workspace).
+        checkpoint_every: save the discriminators every so many iterations and at the end of the run (in the
+            site's state folder: its workspace root, or ``state_dir`` of its own settings).
         discriminator_bundle: the site-discriminator MONAI bundle its discriminators, optimisers and
             loss weights are built from (absolute, or relative to the job's ``custom/`` folder);
             given as a name, the job's ``custom/<name>`` if the job carries it, else the bundle
@@ -109,6 +110,12 @@ class SiteExecutor(Executor):
                 self._setup_error = error_code(err, wire.ERROR_SETUP)
                 self.log_exception(fl_ctx, f"site {fl_ctx.get_identity_name()} could not start "
                                    f"({self._setup_error}): {type(err).__name__}: {err}")
+        elif event_type == EventType.END_RUN and self._ready:
+            self._save_discriminators()  # a resumed run continues from the last iteration, not the last multiple
+
+    def _save_discriminators(self) -> None:
+        atomic_save({m: {"d": self.model.discriminators[m].state_dict(), "opt": self.model.optimizers[m].state_dict()}
+                     for m in self.modalities}, self.checkpoint)
 
     # -- set-up -----------------------------------------------------------------------------
     def _setup(self, fl_ctx: FLContext) -> None:
@@ -127,7 +134,7 @@ class SiteExecutor(Executor):
         #: the loss whose gradient leaves the site (adversarial: no L1 term); the discriminator's update is the same
         self.returned = GanLoss(lambda_l1=0.0, criterion=self.loss.criterion) if self.privacy.mode == "adversarial" \
             else None
-        self.checkpoint = workspace / "modalitybank" / f"{self.experiment}-{self.scale}" / "discriminators.pt"
+        self.checkpoint = site_state_dir(self.site, own, workspace) / "modalitybank" / f"{self.experiment}-{self.scale}" / "discriminators.pt"
         if self.checkpoint.is_file():
             state = torch.load(self.checkpoint, map_location="cpu", weights_only=True)
             for m in self.modalities:
@@ -238,8 +245,7 @@ class SiteExecutor(Executor):
         out[wire.NEXT_MASKS] = self._next_masks()
         out[wire.LOSSES] = losses
         if iteration % self.settings.checkpoint_every == 0:
-            atomic_save({m: {"d": self.model.discriminators[m].state_dict(), "opt": self.model.optimizers[m].state_dict()}
-                         for m in self.modalities}, self.checkpoint)
+            self._save_discriminators()
         result = DXO(DataKind.APP_DEFINED, out).to_shareable()
         result.set_header(wire.ITERATION, iteration)
         result.set_header(wire.PRIVACY_HEADER, self.privacy.mode)

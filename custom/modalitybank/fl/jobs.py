@@ -23,7 +23,7 @@ from typing import Any
 from modalitybank.fl import wire
 from modalitybank.fl.policy import admit_package
 from modalitybank.fl.processes import nvflare_command
-from modalitybank.fl.site_config import SITE_CONFIG_FILE
+from modalitybank.fl.site_config import SITE_CONFIG_FILE, with_state_dir
 from modalitybank.resources import shared_dir
 
 __all__ = ["app", "export_job", "find_job", "read_run", "simulate"]
@@ -90,8 +90,9 @@ def simulate(job: str | Path, workdir: str | Path, scale: str = "tiny", rounds: 
     """Run ``job`` in the NVFlare simulator inside ``workdir``; a second run there resumes.
 
     ``workdir/checkpoint`` holds the generator (stable across runs, so a restarted server
-    resumes from it), ``workdir/workspace`` the simulator's workspace (sites' ledgers and
-    discriminators), ``workdir/simulator.log`` the log. ``site_config`` (a ``modalitybank_site.json``,
+    resumes from it), ``workdir/sites/<site>`` what each site keeps across restarts (its discriminators,
+    the privacy budget it spent), ``workdir/workspace`` the simulator's workspace (wiped by the simulator
+    on every start; the sites' ledgers of the last run), ``workdir/simulator.log`` the log. ``site_config`` (a ``modalitybank_site.json``,
     e.g. from ``modalitybank data split``) goes into the workspace's ``local/``, where every simulated
     site reads its own settings. ``clients`` names the sites (default ``site-1..n_clients``). Raises ``RuntimeError`` naming the reason
     if the simulator fails, which includes a run in which too few sites joined or none trained.
@@ -110,8 +111,15 @@ def simulate(job: str | Path, workdir: str | Path, scale: str = "tiny", rounds: 
                          **extra, **args)
     workspace = workdir / "workspace"
     admit_package(workspace / "local")  # the simulated sites' allow-list (nvflare simulator copies local/ to each)
-    if site_config is not None:  # the sites' own settings (data folders, ...), read on their side
-        shutil.copyfile(site_config, workspace / "local" / SITE_CONFIG_FILE)
+    # the sites' own settings (data folders, ...), read on their side; their state (discriminators, privacy
+    # budget spent) kept in workdir/sites/<site>, since the simulator wipes its workspace on every start
+    own = None
+    if site_config is not None:
+        try:
+            own = json.loads(Path(site_config).read_text())
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{site_config}: not valid JSON ({err})") from err
+    (workspace / "local" / SITE_CONFIG_FILE).write_text(json.dumps(with_state_dir(own, workdir / "sites"), indent=1))
     n_sites = len(clients) if clients else n_clients
     # one process per site: with fewer, the simulator swaps sites in and out and their state is lost
     cmd = [*nvflare_command(), "simulator", str(job_dir), "-w", str(workspace), "-t", str(threads or n_sites)]

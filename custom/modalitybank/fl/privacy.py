@@ -30,7 +30,7 @@ from modalitybank import config
 from modalitybank.dp import MODES, PrivacyBudgetSpent, SiteSanitizer, resolve_privacy
 from modalitybank.fl import wire
 from modalitybank.fl.ledger import Ledger
-from modalitybank.fl.site_config import read_site_config
+from modalitybank.fl.site_config import read_site_config, site_state_dir
 
 __all__ = ["LOSSES_ALLOWED", "PRIVACY_STATE_DIR", "PrivacyGuard", "TaskManifestRecorder", "check_result",
            "error_reply", "ledger_for"]
@@ -38,7 +38,7 @@ __all__ = ["LOSSES_ALLOWED", "PRIVACY_STATE_DIR", "PrivacyGuard", "TaskManifestR
 #: Which losses (``<modality>/<name>``) may leave in each privacy mode: none computed on real images in
 #: ``dp`` (they would not be accounted), no L1 loss (nor the total, which holds it) in ``adversarial``.
 LOSSES_ALLOWED = {"standard": ("d", "g_adv", "g_l1", "g"), "adversarial": ("d", "g_adv"), "dp": ()}
-#: Where a site keeps the steps it released in mode ``dp`` (under its workspace root, across jobs).
+#: Where a site keeps the steps it released in mode ``dp`` (in its state folder, across jobs and restarts).
 PRIVACY_STATE_DIR = "modalitybank_privacy"
 
 Manifest = dict[str, tuple[tuple[int, ...], str]]
@@ -243,7 +243,8 @@ class PrivacyGuard(Filter):
             key = (site, batch, modalities)
             if key not in self._sanitizers:
                 settings = resolve_privacy(own, batch_size=batch, modalities=modalities)
-                path = _workspace(fl_ctx) / PRIVACY_STATE_DIR / f"{site}.json"
+                own_all = read_site_config(site, _workspace(fl_ctx) / "local")
+                path = site_state_dir(site, own_all, _workspace(fl_ctx)) / PRIVACY_STATE_DIR / f"{site}.json"
                 self._sanitizers[key] = SiteSanitizer(settings, path)
                 self.log_info(fl_ctx, f"site {site}: privacy mode dp, {settings.describe()}; accounted noise "
                               f"multiplier {settings.accounted_noise_multiplier:.3f} per step (sampling rate 1); "
