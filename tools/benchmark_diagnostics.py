@@ -1,0 +1,133 @@
+"""What limits a synthetic row of the benchmark: two measurements on a benchmark workdir.
+
+usage:
+  python tools/benchmark_diagnostics.py contrast WORKDIR SYNTH_STAGE
+  python tools/benchmark_diagnostics.py false-positives WORKDIR SEG_STAGE CASE
+
+``contrast``: for every training case of a synthesis stage (``synth/<name>`` of ``modalitybank
+benchmark``), the mean intensity of each label (healthy brain, edema, necrosis, enhancing), z-scored
+inside the brain as the segmentation bundle does, in the synthetic image and in the real image of the
+same case, averaged per data centre and modality. A generator that renders the labels' contrast shows
+the same figures as the real images.
+
+``false-positives``: a segmentation row's (``seg/<name>``) prediction on one held-out test case
+through the bundle's evaluation preprocessing and inferer: true/false positives and false negatives,
+by the slice's brain area (over the case's largest), and the real z-scored intensities where it was
+wrong.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+#: BraTS label -> name; 0 is the healthy brain.
+LABELS = {0: "healthy", 2: "edema", 1: "necrosis", 4: "enhancing"}
+FILE_SUFFIX = {"t1": "t1", "t1c": "t1ce", "t2": "t2", "flair": "flair"}
+
+
+def _z(volume: np.ndarray, brain: np.ndarray) -> np.ndarray:
+    return (volume - volume[brain].mean()) / (volume[brain].std() + 1e-6)
+
+
+def _centre(case: str) -> str:
+    return "CBICA" if "CBICA" in case else "TCIA" if "TCIA" in case else "Other"
+
+
+def contrast(workdir: Path, stage: str) -> dict[str, dict[str, dict[str, list[float]]]]:
+    """``{centre: {modality: {label: [synthetic z, real z]}}}`` over the stage's cases."""
+    real_root = workdir / "data"
+    sums: dict[tuple[str, str, str], list[tuple[float, float]]] = {}
+    for case_dir in sorted((workdir / stage).glob("*GG/*")):
+        case = case_dir.name
+        real_dir = next(real_root.glob(f"*GG/{case}"))
+        seg = np.asarray(nib.load(real_dir / f"{case}_seg.nii.gz").dataobj)
+        for modality, suffix in FILE_SUFFIX.items():
+            synthetic_path = case_dir / f"{case}_{suffix}.nii.gz"
+            if not synthetic_path.is_file():
+                continue
+            synthetic = np.asarray(nib.load(synthetic_path).dataobj, dtype=np.float32)
+            real = np.asarray(nib.load(real_dir / f"{case}_{suffix}.nii.gz").dataobj, dtype=np.float32)
+            brain = real > 0
+            zs, zr = _z(synthetic, brain), _z(real, brain)
+            for label, name in LABELS.items():
+                inside = (seg == label) & brain
+                if inside.sum() >= 20:
+                    sums.setdefault((_centre(case), modality, name), []).append((zs[inside].mean(), zr[inside].mean()))
+    out: dict[str, dict[str, dict[str, list[float]]]] = {}
+    for (centre, modality, name), values in sorted(sums.items()):
+        mean = np.mean(values, axis=0)
+        out.setdefault(centre, {}).setdefault(modality, {})[name] = [round(float(mean[0]), 2), round(float(mean[1]), 2)]
+    return out
+
+
+def false_positives(workdir: Path, stage: str, case_id: str) -> dict[str, object]:
+    """Where row ``stage`` is wrong on test case ``case_id`` (see the module docstring)."""
+    import torch
+    from monai.bundle import ConfigParser
+
+    from modalitybank.bundle.segmentation import brats_datalist
+    from modalitybank.resources import bundle_dir
+
+    modalities = json.loads((workdir / "settings.json").read_text())["experiments"]
+    seg_dir = workdir / stage
+    table = "missing_modality" if "missing_modality" in stage else "multimodal"
+    mods = list(modalities[table]["targets"])
+    cases = brats_datalist(workdir / "data", mods, sections={"test": "test"})["test"]
+    case = next(c for c in cases if case_id in str(c["label"]))
+    parser = ConfigParser()
+    bundle = bundle_dir("tumor_segmentation")
+    parser.read_config(str(bundle / "configs" / "train.json"))
+    parser.update({"bundle_root": str(bundle), "modalities": mods, "device": "$torch.device('cpu')"})
+    net = parser.get_parsed_content("network_def")
+    net.load_state_dict(torch.load(seg_dir / "models" / "model.pt", map_location="cpu", weights_only=True))
+    net.eval()
+    item = parser.get_parsed_content("validate#preprocessing")({k: case[k] for k in ("image", "label")})
+    with torch.no_grad():
+        pred = parser.get_parsed_content("validate#inferer")(item["image"][None].float(), net).argmax(1)[0].numpy() > 0
+    image, tumour = item["image"].numpy(), item["label"][0].numpy() > 0
+    brain = np.abs(image).sum(0) > 0
+    area = brain.sum((0, 1)) / brain.sum((0, 1)).max()
+    fp, fn = pred & ~tumour, tumour & ~pred
+    bins = {}
+    for lo, hi in ((0.0, 0.25), (0.25, 0.5), (0.5, 0.75), (0.75, 1.01)):
+        zs = (area >= lo) & (area < hi)
+        bins[f"{lo:.2f}-{min(hi, 1.0):.2f}"] = {"slices": int(zs.sum()), "fp": int(fp[:, :, zs].sum()),
+                                                "fn": int(fn[:, :, zs].sum())}
+    z = {m: {"at_fp": round(float(image[i][fp].mean()), 2) if fp.any() else None,
+             "tumour": round(float(image[i][tumour].mean()), 2),
+             "healthy": round(float(image[i][brain & ~tumour].mean()), 2)} for i, m in enumerate(mods)}
+    return {"case": case_id, "tumour": int(tumour.sum()), "tp": int((pred & tumour).sum()), "fp": int(fp.sum()),
+            "fn": int(fn.sum()), "by_brain_area": bins, "z": z}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="what", required=True)
+    c = sub.add_parser("contrast")
+    c.add_argument("workdir", type=Path)
+    c.add_argument("stage", help="a synthesis stage, e.g. synth/bank-missing_modality-lgg-seed0")
+    f = sub.add_parser("false-positives")
+    f.add_argument("workdir", type=Path)
+    f.add_argument("stage", help="a segmentation stage, e.g. seg/synthetic_missing_modality_bank-lgg-seed0")
+    f.add_argument("case", help="a held-out test case (a part of its name is enough)")
+    a = parser.parse_args()
+    if a.what == "contrast":
+        result = contrast(a.workdir, a.stage)
+        print(f"{'centre':6s} {'modality':8s} " + " ".join(f"{n:>17s}" for n in LABELS.values()))
+        for centre, mods in result.items():
+            for modality, labels in mods.items():
+                cells = [f"{labels[n][0]:+.2f} / {labels[n][1]:+.2f}" if n in labels else "-" for n in LABELS.values()]
+                print(f"{centre:6s} {modality:8s} " + " ".join(f"{x:>17s}" for x in cells))
+        print("(synthetic / real: mean z inside the brain)")
+    else:
+        result = false_positives(a.workdir, a.stage, a.case)
+        print(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()
