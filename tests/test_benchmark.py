@@ -213,6 +213,12 @@ def test_stage_eta_uses_the_times_of_stages_of_the_same_kind(tmp_path: Path) -> 
     assert stages.eta() == pytest.approx(100.0 + per_unit * _COST["seg"])  # gan/b like gan/a; seg by its cost
     stages.run("seg", "seg/x", lambda folder: {"ok": True})
     assert stages.eta() == pytest.approx(100.0)  # only gan/b is left
+    # a later run planning other stages times them by what any run finished in the workdir
+    (tmp_path / "gan" / "a").mkdir(parents=True)
+    (tmp_path / "gan" / "a" / "stage.json").write_text(json.dumps({"kind": "gan", "name": "gan/a", "seconds": 100.0}))
+    later = Stages(tmp_path, [("pretrain", "pretrain/b"), ("gan", "gan/c")], progress=False)
+    later.times = {"pretrain/b": {"kind": "pretrain", "seconds": 1000.0, "reused": False}}
+    assert later.eta() == pytest.approx(100.0)  # the finished gan's time, not the pretraining's per unit of cost
 
 
 def test_scanner_bias_on_a_z_scored_patch_is_a_raw_intensity_bias_field() -> None:

@@ -33,6 +33,14 @@ class Stages:
         self.progress = progress
         self.times: dict[str, dict[str, Any]] = {}
         self.t0 = time.perf_counter()
+        #: stages other runs finished in the workdir (other tables, rows, variants): their times feed the ETA
+        self.earlier: dict[str, dict[str, Any]] = {}
+        for marker in [*workdir.glob(f"*/{STAGE_FILE}"), *workdir.glob(f"*/*/{STAGE_FILE}")]:
+            try:
+                done = json.loads(marker.read_text())
+                self.earlier[done["name"]] = {"kind": done["kind"], "seconds": float(done["seconds"])}
+            except (ValueError, KeyError, OSError):
+                continue  # an unreadable marker only costs the ETA its figure
 
     def path(self, name: str) -> Path:
         return self.workdir / name
@@ -61,10 +69,10 @@ class Stages:
 
     def eta(self) -> float:
         """Seconds the stages not yet run should take: for each kind, the mean time of its stages timed so far
-        (earlier runs in the workdir included), else the relative cost of the kind scaled by the time per unit
+        (every stage finished in the workdir, by any run), else the relative cost of the kind scaled by the time per unit
         of cost seen so far; NaN before any stage was timed."""
         left = [k for k, n in self.planned if n not in self.times and self.done(n) is None]
-        timed = list(self.times.values())
+        timed = list(({**self.earlier, **self.times}).values())
         by_kind: dict[str, list[float]] = {}
         for t in timed:
             by_kind.setdefault(t["kind"], []).append(t["seconds"])
