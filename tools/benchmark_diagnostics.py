@@ -3,6 +3,10 @@
 usage:
   python tools/benchmark_diagnostics.py contrast WORKDIR SYNTH_STAGE
   python tools/benchmark_diagnostics.py false-positives WORKDIR SEG_STAGE CASE
+  python tools/benchmark_diagnostics.py labels FOLDER
+
+``labels``: the voxels of each tumour label in every grade folder (``HGG``, ``LGG``) of a BraTS-layout
+folder: a data set, or a pre-training source of the benchmark's workdir (``sources/hgg``).
 
 ``contrast``: for every training case of a synthesis stage (``synth/<name>`` of ``modalitybank
 benchmark``), the mean intensity of each label (healthy brain, edema, necrosis, enhancing), z-scored
@@ -105,6 +109,18 @@ def false_positives(workdir: Path, stage: str, case_id: str) -> dict[str, object
             "fn": int(fn.sum()), "by_brain_area": bins, "z": z}
 
 
+def labels(root: Path) -> dict[str, dict[str, int]]:
+    """``{grade: {"cases": n, "<label>": voxels}}`` over the ``*_seg.nii.gz`` of ``root/<grade>/<case>/``."""
+    out: dict[str, dict[str, int]] = {}
+    for seg_path in sorted(root.glob("*/*/*_seg.nii.gz")):
+        grade = out.setdefault(seg_path.parents[1].name, {"cases": 0, **{LABELS[k]: 0 for k in (2, 1, 4)}})
+        seg = np.asarray(nib.load(seg_path).dataobj)
+        grade["cases"] += 1
+        for k in (2, 1, 4):
+            grade[LABELS[k]] += int((seg == k).sum())
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="what", required=True)
@@ -115,13 +131,17 @@ def main() -> None:
     f.add_argument("workdir", type=Path)
     f.add_argument("stage", help="a segmentation stage, e.g. seg/synthetic_missing_modality_bank-lgg-seed0")
     f.add_argument("case", help="a held-out test case (a part of its name is enough)")
+    la = sub.add_parser("labels")
+    la.add_argument("folder", type=Path)
     a = parser.parse_args()
-    if a.what == "contrast":
+    if a.what == "labels":
+        print(json.dumps(labels(a.folder), indent=1))
+    elif a.what == "contrast":
         result = contrast(a.workdir, a.stage)
         print(f"{'centre':6s} {'modality':8s} " + " ".join(f"{n:>17s}" for n in LABELS.values()))
         for centre, mods in result.items():
-            for modality, labels in mods.items():
-                cells = [f"{labels[n][0]:+.2f} / {labels[n][1]:+.2f}" if n in labels else "-" for n in LABELS.values()]
+            for modality, by_label in mods.items():
+                cells = [f"{by_label[n][0]:+.2f} / {by_label[n][1]:+.2f}" if n in by_label else "-" for n in LABELS.values()]
                 print(f"{centre:6s} {modality:8s} " + " ".join(f"{x:>17s}" for x in cells))
         print("(synthetic / real: mean z inside the brain)")
     else:

@@ -123,7 +123,7 @@ class Benchmark:
         rounds = self.bank_iterations or self.gan_iterations
 
         def learn(folder: Path) -> dict[str, Any]:
-            continued = self._continue_shorter(row, seed, folder) if self.bank_iterations else None
+            continued = self._continue_shorter(row, seed, folder)
             if self.privacy:  # every site's own settings, as a hospital sets them (the job cannot)
                 steps = rounds or config.preset(self.scale)["train"]["bank_iterations"]
                 own = {**self.privacy, "steps": steps} if self.privacy["mode"] == "dp" else self.privacy
@@ -144,13 +144,13 @@ class Benchmark:
         resumes. The learning rate is constant, so continuing is training longer. Returns that stage's name."""
         from modalitybank.fl.jobs import read_run
 
-        if (folder / "checkpoint").exists():  # an interrupted run of this stage: it resumes itself
+        if (folder / "checkpoint").exists() or not self.bank_iterations:  # an interrupted run resumes itself
             return None
         base = f"gan/{row.generator_key}-seed{seed}{privacy_variant(self.privacy)}"
         shorter = []
         for name in [base, *(f"gan/{p.name}" for p in self.work.glob(f"{base}-it*"))]:
             run = read_run(self.stages.path(name) / "checkpoint") if self.stages.done(name) else None
-            if run and run["status"] == "completed" and run["iterations"] < (self.bank_iterations or 0):
+            if run and run["status"] == "completed" and run["iterations"] < self.bank_iterations:
                 shorter.append((run["iterations"], name))
         if not shorter:
             return None

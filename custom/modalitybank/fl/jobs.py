@@ -23,7 +23,7 @@ from typing import Any
 from modalitybank.fl import wire
 from modalitybank.fl.policy import admit_package
 from modalitybank.fl.processes import nvflare_command
-from modalitybank.fl.site_config import SITE_CONFIG_FILE, with_state_dir
+from modalitybank.fl.site_config import SITE_CONFIG_FILE, load_site_config, with_state_dir
 from modalitybank.resources import shared_dir
 
 __all__ = ["app", "export_job", "find_job", "read_run", "simulate"]
@@ -113,12 +113,7 @@ def simulate(job: str | Path, workdir: str | Path, scale: str = "tiny", rounds: 
     admit_package(workspace / "local")  # the simulated sites' allow-list (nvflare simulator copies local/ to each)
     # the sites' own settings (data folders, ...), read on their side; their state (discriminators, privacy
     # budget spent) kept in workdir/sites/<site>, since the simulator wipes its workspace on every start
-    own = None
-    if site_config is not None:
-        try:
-            own = json.loads(Path(site_config).read_text())
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{site_config}: not valid JSON ({err})") from err
+    own = load_site_config(site_config) if site_config is not None else None
     (workspace / "local" / SITE_CONFIG_FILE).write_text(json.dumps(with_state_dir(own, workdir / "sites"), indent=1))
     n_sites = len(clients) if clients else n_clients
     # one process per site: with fewer, the simulator swaps sites in and out and their state is lost

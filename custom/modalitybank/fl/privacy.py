@@ -164,6 +164,7 @@ class PrivacyGuard(Filter):
         super().__init__()
         self._sanitizers: dict[tuple[str, int, int], SiteSanitizer] = {}
         self._own_settings: dict[str, tuple[Any, str | None]] = {}
+        self._state_dirs: dict[str, Path] = {}  # where each site keeps what it spent (read with its settings)
         self._lock = threading.Lock()
 
     def process(self, shareable: Shareable, fl_ctx: FLContext) -> Shareable:
@@ -233,18 +234,20 @@ class PrivacyGuard(Filter):
         """The site's own privacy settings and mode (``None``: it has none), read and checked once per site."""
         with self._lock:
             if site not in self._own_settings:
-                own = read_site_config(site, _workspace(fl_ctx) / "local").get("privacy")
+                settings = read_site_config(site, _workspace(fl_ctx) / "local")
+                self._state_dirs[site] = site_state_dir(site, settings, _workspace(fl_ctx))
+                own = settings.get("privacy")
                 self._own_settings[site] = (own, resolve_privacy(own).mode if own else None)
             return self._own_settings[site]
 
     def _sanitizer(self, site: str, own: dict[str, Any], batch: int, modalities: int,
                    fl_ctx: FLContext) -> SiteSanitizer:
+        """The site's sanitizer (after :meth:`_own` read its settings)."""
         with self._lock:
             key = (site, batch, modalities)
             if key not in self._sanitizers:
                 settings = resolve_privacy(own, batch_size=batch, modalities=modalities)
-                own_all = read_site_config(site, _workspace(fl_ctx) / "local")
-                path = site_state_dir(site, own_all, _workspace(fl_ctx)) / PRIVACY_STATE_DIR / f"{site}.json"
+                path = self._state_dirs[site] / PRIVACY_STATE_DIR / f"{site}.json"
                 self._sanitizers[key] = SiteSanitizer(settings, path)
                 self.log_info(fl_ctx, f"site {site}: privacy mode dp, {settings.describe()}; accounted noise "
                               f"multiplier {settings.accounted_noise_multiplier:.3f} per step (sampling rate 1); "

@@ -26,10 +26,21 @@ import os
 from pathlib import Path
 from typing import Any
 
-__all__ = ["ENV_VAR", "SITE_CONFIG_FILE", "read_site_config", "site_state_dir", "with_state_dir"]
+__all__ = ["ENV_VAR", "SITE_CONFIG_FILE", "load_site_config", "read_site_config", "site_state_dir", "with_state_dir"]
 
 SITE_CONFIG_FILE = "modalitybank_site.json"
 ENV_VAR = "MODALITYBANK_SITE_CONFIG"
+
+
+def load_site_config(path: str | Path) -> dict[str, Any]:
+    """A settings file as it is written (either form); a malformed one raises ``ValueError`` naming it."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: not valid JSON ({err})") from err
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: must hold a JSON object")
+    return data
 
 
 def read_site_config(site: str, local_dir: str | Path | None) -> dict[str, Any]:
@@ -41,12 +52,7 @@ def read_site_config(site: str, local_dir: str | Path | None) -> dict[str, Any]:
         if env:
             raise ValueError(f"{ENV_VAR}={env}: no such file")
         return {}
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path}: not valid JSON ({err})") from err
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}: must hold a JSON object")
+    data = load_site_config(path)
     if "sites" in data or "default" in data:
         sites = data.get("sites", {})
         if not isinstance(sites, dict) or not isinstance(data.get("default", {}), dict):
