@@ -8,9 +8,12 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import torch
 
-from modalitybank.data.brats import discover_site
+from modalitybank import config
+from modalitybank.data.brats import discover_site, site_datasets
 from modalitybank.data.sites import split_sites
+from modalitybank.fl.executor import SiteExecutor
 from modalitybank.fl.jobs import simulate
 
 NAMES = ["hospital-north", "hospital-south", "hospital-east", "hospital-west", "hospital-centre"]
@@ -39,6 +42,25 @@ def test_discovery_skips_a_case_lacking_a_modality_the_site_holds(phantom_root, 
     modalities, cases, skipped, grades = discover_site(site)
     assert modalities == ["t1", "t1c", "t2", "flair"] and grades == ("HGG",)
     assert first.name not in cases and len(skipped) == 1 and f"case {first.name} skipped: missing" in skipped[0]
+
+
+def test_a_federated_site_trains_on_the_slices_of_the_single_process_reference(phantom_root, cache_dir,
+                                                                              monkeypatch) -> None:
+    """The preset's tumour-free slices reach a federated site too (they once did not: the bank learned on
+    tumour slices only, while the reference and the pre-training also had the rest of the brain)."""
+    tiny = config.preset("tiny")
+    tiny["slices"]["background_slices_per_case"] = 3
+    monkeypatch.setattr(config, "preset", lambda scale: json.loads(json.dumps(tiny)))
+    executor = SiteExecutor(scale="tiny", experiment="missing_modality", data_root=str(phantom_root),
+                            cache_dir=str(cache_dir))
+    executor.site = "site-1"
+    site, where = executor._load({}, None)
+    centre = config.centre_of_site("site-1")
+    reference = site_datasets(phantom_root, "missing_modality", "tiny", cache_dir=cache_dir)[centre]
+    assert where == f"centre {centre}" and site.modalities == reference.modalities
+    assert torch.equal(site.slice_index, reference.slice_index) and torch.equal(site.images, reference.images)
+    tumour_free = int((site.labels.flatten(1) == 0).all(dim=1).sum())
+    assert tumour_free == 3 * len(site.case_ids)
 
 
 @pytest.mark.slow

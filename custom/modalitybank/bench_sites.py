@@ -38,7 +38,7 @@ def bench_fl_sites(site_counts: Sequence[int] = (3, 6, 12), scale: str = "tiny",
     "per_site_compute": s, "figure": png path, ...}``.
     """
     from modalitybank.bench import reference_iteration
-    from modalitybank.data.brats import SiteDataset
+    from modalitybank.data.brats import SiteDataset, slice_settings
     from modalitybank.data.default import CACHE_ROOT, default_phantom, default_pretrained
     from modalitybank.data.sites import split_sites
     from modalitybank.figures import scaling_curve
@@ -53,8 +53,8 @@ def bench_fl_sites(site_counts: Sequence[int] = (3, 6, 12), scale: str = "tiny",
         names = [f"site-{i + 1}" for i in range(n)]
         folders = split_sites(data, work / f"sites-{n}", names, split="train", grades=("HGG",), reuse=True)
         targets = config.experiment("multimodal")["targets"]
-        slices = {k: config.preset(scale)["slices"][k] for k in ("image_size", "min_tumour_fraction", "max_slices_per_case")}
-        datasets = {s: SiteDataset(f, None, targets, split="all", cache_dir=cache, **slices) for s, f in folders.items()}
+        datasets = {s: SiteDataset(f, None, targets, split="all", cache_dir=cache, **slice_settings(scale))
+                    for s, f in folders.items()}
         reference[str(n)] = round(reference_iteration(pretrained, targets, {s: targets for s in folders}, datasets,
                                                       scale, iterations, warmup), 4)
         result = simulate("modalitybank_multimodal", work / f"run-{n}", scale=scale, rounds=iterations, clients=names,

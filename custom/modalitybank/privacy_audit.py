@@ -271,7 +271,7 @@ def audit(scale: str = "tiny", out_dir: str | Path = "runs/privacy_audit", itera
     import sys
 
     from modalitybank.data import default
-    from modalitybank.data.brats import SiteDataset
+    from modalitybank.data.brats import SiteDataset, slice_settings
     from modalitybank.store import load_generator
     from modalitybank.synthesis import evaluate_generator
 
@@ -281,9 +281,8 @@ def audit(scale: str = "tiny", out_dir: str | Path = "runs/privacy_audit", itera
     root = Path(data_root) if data_root else default.default_phantom(scale, seed)
     pretrained = Path(pretrained) if pretrained else default.default_pretrained(scale, seed, data_root=root)
     cache = Path(cache_dir) if cache_dir else config.CACHE_ROOT / "slices"
-    sl = config.preset(scale)["slices"]
-    kw = {"cache_dir": cache, "image_size": sl["image_size"], "min_tumour_fraction": sl["min_tumour_fraction"],
-          "max_slices_per_case": sl["max_slices_per_case"]}
+    # tumour slices only: the patient-specific part of an image, what an attack on a site would target
+    kw = {"cache_dir": cache, **slice_settings(scale, background_slices_per_case=0)}
     data = {"train": SiteDataset(root, CENTRE, [modality], split="train", **kw),
             "heldout": SiteDataset(root, CENTRE, [modality], split="test", **kw),
             "other": SiteDataset(root, "TCIA", [modality], split="train", **kw),

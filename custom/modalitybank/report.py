@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from modalitybank import config
-from modalitybank.data.brats import SiteDataset, site_datasets
+from modalitybank.data.brats import SiteDataset, site_datasets, slice_settings
 from modalitybank.figures import loss_curves, modality_grid
 from modalitybank.store import load_generator, made_modalities, read_info
 from modalitybank.synthesis import evaluate_generator
@@ -30,11 +30,10 @@ def report_run(run_dir: str | Path, data_root: str | Path, scale: str, experimen
     exp = config.experiment(experiment)
     made = made_modalities(run_dir)
     targets = list(modalities or [m for m in config.MODALITIES if m in made] or exp["targets"])
-    slices = config.preset(scale)["slices"]
     generator = load_generator(run_dir)
-    test = SiteDataset(data_root, None, targets, split="test", cache_dir=cache_dir, image_size=slices["image_size"],
-                       min_tumour_fraction=slices["min_tumour_fraction"],
-                       max_slices_per_case=slices["max_slices_per_case"])
+    # held-out quality on the tumour slices only, where the modalities differ most
+    test = SiteDataset(data_root, None, targets, split="test", cache_dir=cache_dir,
+                       **slice_settings(scale, background_slices_per_case=0))
     quality = evaluate_generator(generator, test, targets)
     rows = []
     for site, dataset in site_datasets(data_root, experiment, scale, cache_dir=cache_dir).items():

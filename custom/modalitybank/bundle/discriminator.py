@@ -58,16 +58,14 @@ def site_discriminator_from_bundle(bundle_dir: str | Path, overrides: Mapping[st
 
 def modality_dataset(dataset_dir: str | Path, modality: str, scale: str = "tiny", split: str = "train",
                      cache_dir: str | Path | None = None) -> Any:
-    """The tumour slices of one modality, every data centre, of a BraTS-layout folder, sized by preset
-    ``scale`` (what one site holding ``modality`` trains its discriminator on): a
+    """The training slices of one modality (tumour slices and the preset's tumour-free ones), every data
+    centre, of a BraTS-layout folder, sized by preset ``scale`` (what one site holding ``modality`` trains
+    its discriminator on): a
     :class:`~modalitybank.data.brats.SiteDataset` with items ``{"image": (1, S, S), "label": (S, S),
     "brain": (S, S)}``."""
-    from modalitybank import config
-    from modalitybank.data.brats import SiteDataset
+    from modalitybank.data.brats import SiteDataset, slice_settings
 
-    sl = config.preset(scale)["slices"]
-    return SiteDataset(dataset_dir, None, [modality], split=split, cache_dir=cache_dir, image_size=sl["image_size"],
-                       min_tumour_fraction=sl["min_tumour_fraction"], max_slices_per_case=sl["max_slices_per_case"])
+    return SiteDataset(dataset_dir, None, [modality], split=split, cache_dir=cache_dir, **slice_settings(scale))
 
 
 def save_state(network: nn.Module, path: str | Path) -> str:

@@ -53,6 +53,7 @@ __all__ = [
     "resize_slices",
     "scan_cases",
     "site_datasets",
+    "slice_settings",
     "source_dataset",
     "split_cases",
 ]
@@ -157,7 +158,11 @@ class SiteDataset(torch.utils.data.Dataset):
         )
 
 
-def _slice_kwargs(scale: str, kw: dict[str, Any]) -> dict[str, Any]:
+def slice_settings(scale: str, **overrides: Any) -> dict[str, Any]:
+    """The preset's slice selection (``config.preset(scale)["slices"]``) as :class:`SiteDataset` keyword
+    arguments: what every GAN trains on, in one process or inside a federated site (tumour slices plus
+    ``background_slices_per_case`` tumour-free ones). ``overrides`` win, e.g.
+    ``background_slices_per_case=0`` for held-out metrics on tumour slices only."""
     sl = config.preset(scale)["slices"]
     out: dict[str, Any] = {
         "image_size": sl["image_size"],
@@ -165,7 +170,7 @@ def _slice_kwargs(scale: str, kw: dict[str, Any]) -> dict[str, Any]:
         "max_slices_per_case": sl["max_slices_per_case"],
         "background_slices_per_case": sl.get("background_slices_per_case", 0),
     }
-    out.update(kw)  # explicit keyword arguments override the preset
+    out.update(overrides)
     return out
 
 
@@ -184,7 +189,7 @@ def site_datasets(
     if "sites" not in exp:
         raise ValueError(f"experiment {experiment!r} defines no sites")
     centres = exp.get("centres", {})
-    args = _slice_kwargs(scale, kw)
+    args = slice_settings(scale, **kw)
     return {
         site: SiteDataset(root, centres.get(site, site), mods, split=split, cache_dir=cache_dir, **args)
         for site, mods in exp["sites"].items()
@@ -211,7 +216,7 @@ def source_dataset(
     resolve_source_root = importlib.import_module("modalitybank.data.sources").resolve_source_root
     pre = config.experiment("pretrain") if source == "lgg" else config.pretrain_source(source)
     root = resolve_source_root(root, source)
-    args = _slice_kwargs(scale, kw)
+    args = slice_settings(scale, **kw)
     args.setdefault("grades", (pre["grade"],))
     args.setdefault("split", "all")
     return SiteDataset(root, None, [pre["modality"]], cache_dir=cache_dir, **args)

@@ -157,11 +157,9 @@ class SiteExecutor(Executor):
         split by data centre, as in the paper: the centre of this client's name and its modalities
         come from ``configs/experiments.json``.
         """
-        from modalitybank.data.brats import SiteDataset, discover_site
+        from modalitybank.data.brats import SiteDataset, discover_site, slice_settings
 
-        slices = config.preset(self.scale)["slices"]
-        kw = dict(image_size=slices["image_size"], min_tumour_fraction=slices["min_tumour_fraction"],
-                  max_slices_per_case=slices["max_slices_per_case"])
+        kw = slice_settings(self.scale)  # the same slices as the single-process reference trains on
         if own.get("data_root"):
             root, cache = site_data(own["data_root"], own.get("cache_dir", self.cache_dir), self.scale, self.seed)
             suffixes = own.get("file_names")
