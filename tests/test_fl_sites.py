@@ -124,3 +124,21 @@ def test_a_modality_that_joins_later_learns_only_its_own_entry(phantom_root, cac
     quality = json.loads(proc.stdout.strip().splitlines()[-1])["quality"]
     assert list(quality) == ["t1", "t1c", "t2", "flair"]
     assert quality["t1"]["psnr"] > 10 and all(q["l1"] > 0 for q in quality.values())
+
+
+def test_a_federated_site_uses_the_loss_weights_of_the_preset(monkeypatch) -> None:
+    """``l1_balance`` (and ``lambda_l1``) reach a site's loss from the preset, with or without its bundle."""
+    from modalitybank.bundle.discriminator import site_discriminator_from_bundle
+    from modalitybank.resources import bundle_dir
+    from modalitybank.training import TrainSettings
+
+    tiny = config.preset("tiny")
+    tiny["train"]["l1_balance"] = 0.25
+    monkeypatch.setattr(config, "preset", lambda scale: json.loads(json.dumps(tiny)))
+    executor = SiteExecutor(scale="tiny")
+    executor.site, executor.modalities = "site-1", ["t2"]
+    executor.settings = TrainSettings.from_preset("tiny", "bank")
+    _, loss = executor._discriminators(None)
+    assert (loss.lambda_l1, loss.l1_balance) == (tiny["train"]["lambda_l1"], 0.25)
+    _, _, bundle_loss = site_discriminator_from_bundle(bundle_dir("site_discriminator"), {"scale": "tiny"})
+    assert bundle_loss == loss

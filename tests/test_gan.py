@@ -4,7 +4,15 @@ from __future__ import annotations
 
 import torch
 
-from modalitybank.gan import GanLoss, SiteBatch, SiteModel, gan_step, generator_step, site_step
+from modalitybank.gan import (
+    GanLoss,
+    SiteBatch,
+    SiteModel,
+    gan_step,
+    generator_step,
+    region_balance_weights,
+    site_step,
+)
 from modalitybank.networks import ConditionalDiscriminator, ResnetGenerator, mask_channels
 
 
@@ -95,3 +103,24 @@ def test_asyndgan_generator_splits_channels() -> None:
     fakes = gen.generate(mask, ["flair", "t1"])
     torch.testing.assert_close(fakes["flair"], out[:, 2:3])
     torch.testing.assert_close(fakes["t1"], out[:, 0:1])
+
+
+def test_region_balanced_l1_gives_every_region_of_the_mask_the_same_weight() -> None:
+    label = torch.zeros(2, 32, 32, dtype=torch.long)
+    label[:, 10:16, 10:16] = 2
+    label[:, 12:14, 12:14] = 4  # a small enhancing core inside the edema, no necrosis
+    brain = torch.zeros(2, 32, 32)
+    brain[:, 4:28, 4:28] = 1
+    mask = mask_channels(label, brain)
+    regions = [brain == 0, (brain > 0) & (label == 0), label == 2, label == 4]
+    w = region_balance_weights(mask, 1.0)[:, 0]
+    assert torch.isclose(w.mean(), torch.tensor(1.0))
+    totals = torch.stack([w[r].sum() for r in regions])
+    assert torch.allclose(totals, totals.mean().expand(4), rtol=1e-5)  # absent necrosis takes no share
+    half = region_balance_weights(mask, 0.5)[:, 0]
+    assert torch.allclose(half, 0.5 + 0.5 * w)
+    # the L1 term: unchanged at 0 (the paper), and a residual on the small core counts more once balanced
+    fake, real = torch.zeros(2, 1, 32, 32), torch.zeros(2, 1, 32, 32)
+    fake[:, 0][label == 4] = 1.0
+    assert torch.isclose(GanLoss().l1(fake, real, mask), torch.nn.functional.l1_loss(fake, real))
+    assert GanLoss(l1_balance=1.0).l1(fake, real, mask) > 10 * GanLoss().l1(fake, real, mask)

@@ -95,7 +95,7 @@ def reference_iteration(pretrained: Any, targets: Sequence[str], site_modalities
                         datasets: Mapping[str, Any], scale: str, iterations: int, warmup: int) -> float:
     """Median seconds of one single-process iteration (:func:`~modalitybank.gan.gan_step`): every site's
     discriminators beside the generator, the bank entries ``targets`` learned, batches from ``datasets``."""
-    from modalitybank.gan import GanLoss, gan_step
+    from modalitybank.gan import gan_step
     from modalitybank.store import load_generator
     from modalitybank.training import BatchStream, TrainSettings, make_site_models
 
@@ -108,7 +108,7 @@ def reference_iteration(pretrained: Any, targets: Sequence[str], site_modalities
     for _ in range(iterations):
         batches = {s: next(streams[s]) for s in sites}
         start = time.perf_counter()
-        gan_step(generator, optimizer, sites, batches, GanLoss(lambda_l1=settings.lambda_l1))
+        gan_step(generator, optimizer, sites, batches, settings.gan_loss())
         times.append(time.perf_counter() - start)
     return statistics.median(times[warmup:])
 

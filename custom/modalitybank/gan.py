@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from monai.losses import PatchAdversarialLoss
 from torch import nn
 
-__all__ = ["GanLoss", "SiteBatch", "SiteModel", "gan_step", "generator_step", "site_step"]
+__all__ = ["GanLoss", "SiteBatch", "SiteModel", "gan_step", "generator_step", "region_balance_weights", "site_step"]
 
 
 @dataclass(frozen=True)
@@ -33,9 +33,30 @@ class GanLoss:
 
     lambda_l1: float = 100.0
     criterion: str = "least_squares"
+    #: 0 (the paper): every pixel weighs the same in the L1 term. 1: each region of the mask (outside the
+    #: brain, healthy brain, necrosis, edema, enhancing) weighs the same in total, so a thin enhancing rim
+    #: counts as much as the healthy brain; between: a mix. The weights come from the mask the server sent.
+    l1_balance: float = 0.0
 
     def adversarial(self) -> PatchAdversarialLoss:
         return PatchAdversarialLoss(criterion=self.criterion)
+
+    def l1(self, fake: torch.Tensor, real: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """The L1 term: ``mean(w · |fake − real|)``, ``w = 1`` unless :attr:`l1_balance` (mean ``w`` = 1)."""
+        if self.l1_balance == 0:
+            return F.l1_loss(fake, real)
+        return (region_balance_weights(mask, self.l1_balance) * (fake - real).abs()).mean()
+
+
+def region_balance_weights(mask: torch.Tensor, balance: float) -> torch.Tensor:
+    """Per-pixel weights ``(N, 1, *S)`` of mean 1 from mask channels ``(N, 5, *S)``: ``1 − balance`` plus
+    ``balance`` times weights that give every region present in the batch the same total."""
+    regions = torch.cat([1 - mask[:, -1:], mask[:, :-1]], dim=1)  # outside the brain, then labels 0, 1, 2, 4
+    dims = [0, *range(2, mask.dim())]
+    area = regions.sum(dim=dims, keepdim=True)
+    present = int((area > 0).sum())
+    equal = (regions / area.clamp_min(1)).sum(dim=1, keepdim=True) * (regions[:, :1].numel() / present)
+    return (1 - balance) + balance * equal
 
 
 @dataclass
@@ -93,7 +114,7 @@ def site_step(discriminator: nn.Module, optimizer: torch.optim.Optimizer, mask: 
 
     fake_leaf = fake.clone().requires_grad_(True)
     loss_adv = adversarial(discriminator(mask, fake_leaf), target_is_real=True, for_discriminator=False)
-    loss_l1 = F.l1_loss(fake_leaf, real)
+    loss_l1 = loss.l1(fake_leaf, real, mask)
     loss_g = loss_adv + loss.lambda_l1 * loss_l1
     sent = loss_g if returned is None else loss_adv + returned.lambda_l1 * loss_l1
     (grad,) = torch.autograd.grad(sent, fake_leaf)  # the discriminator's parameters get no gradient

@@ -172,7 +172,7 @@ def _train(mode: str, privacy: PrivacySettings, data: dict[str, Any], pretrained
     generator = load_generator(pretrained)
     g_opt = settings.adam(generator.bank.learn([modality]))
     site = make_site_models({CENTRE: [modality]}, config.preset(scale)["model"], settings)[CENTRE]
-    loss = GanLoss(lambda_l1=settings.lambda_l1)
+    loss = settings.gan_loss()
     returned = GanLoss(lambda_l1=0.0) if mode == "adversarial" else None
     sanitizer = SiteSanitizer(privacy, rng=np.random.default_rng(seed)) if mode == "dp" else None
     stream = BatchStream(data["train"], settings.batch_size, seed)

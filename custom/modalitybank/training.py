@@ -44,17 +44,23 @@ class TrainSettings:
     lambda_l1: float
     checkpoint_every: int
     seed: int = 0
+    l1_balance: float = 0.0
 
     @classmethod
     def from_preset(cls, scale: str, phase: str, **overrides: Any) -> TrainSettings:
         """``phase``: ``"pretrain"`` or ``"bank"`` (which iteration count to take)."""
         t = config.preset(scale)["train"]
         settings = cls(iterations=t[f"{phase}_iterations"], batch_size=t["batch_size"], lr=t["lr"], beta1=t["beta1"],
-                       lambda_l1=t["lambda_l1"], checkpoint_every=t["checkpoint_every"])
+                       lambda_l1=t["lambda_l1"], checkpoint_every=t["checkpoint_every"],
+                       l1_balance=t.get("l1_balance", 0.0))
         return replace(settings, **{k: v for k, v in overrides.items() if v is not None})
 
     def adam(self, params: Sequence[torch.nn.Parameter]) -> torch.optim.Adam:
         return torch.optim.Adam(params, lr=self.lr, betas=(self.beta1, 0.999))
+
+    def gan_loss(self) -> GanLoss:
+        """The loss weights every GAN loop of these settings uses (``lambda_l1``, ``l1_balance``)."""
+        return GanLoss(lambda_l1=self.lambda_l1, l1_balance=self.l1_balance)
 
 
 def make_site_models(site_modalities: Mapping[str, Sequence[str]], model: Mapping[str, Any],
@@ -126,7 +132,7 @@ def run_gan(run_dir: Path, generator: torch.nn.Module, g_optimizer: torch.optim.
             for m in site.modalities:
                 site.discriminators[m].load_state_dict(state["sites"][s][m]["d"])
                 site.optimizers[m].load_state_dict(state["sites"][s][m]["opt"])
-    loss = GanLoss(lambda_l1=settings.lambda_l1)
+    loss = settings.gan_loss()
     writer = SummaryWriter(str(run_dir / "tb"))
     t0 = time.perf_counter()
 

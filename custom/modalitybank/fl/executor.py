@@ -178,7 +178,7 @@ class SiteExecutor(Executor):
         """One discriminator and optimiser per modality, from the site-discriminator bundle if given."""
         if not self.discriminator_bundle:
             model = make_site_models({self.site: self.modalities}, config.preset(self.scale)["model"], self.settings)
-            return model[self.site], GanLoss(lambda_l1=self.settings.lambda_l1)
+            return model[self.site], self.settings.gan_loss()
         from modalitybank.bundle.discriminator import site_discriminator_from_bundle
 
         bundle = Path(self.discriminator_bundle)
