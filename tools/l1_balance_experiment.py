@@ -7,8 +7,8 @@ WORKDIR is a ``modalitybank benchmark --scale small`` workdir: its ``data/`` and
 ``pretrain/lgg`` are used. The bank of Table II (T1c + T2 + FLAIR, each centre lacking one) is learned
 single-process (:func:`modalitybank.training.train_bank`, the federated run's reference, the same GAN
 step) with the train setting ``l1_balance = BALANCE`` (``GanLoss.l1_balance``; 0 is the paper's L1).
-Then, on the held-out test cases' tumour slices, it prints per modality and label the mean of the synthetic image against the real one
-(images in [-1, 1]), the contrast ratio ``(label - healthy)_synthetic / (label - healthy)_real`` (1 is
+Then, on the held-out test cases' tumour slices, it prints per modality and label the mean of the
+synthetic image against the real one (images in [-1, 1]), the contrast ratio ``(label - healthy)_synthetic / (label - healthy)_real`` (1 is
 the real contrast, 0 a flat tumour) and the held-out PSNR. Run it for two BALANCE values side by side.
 """
 import json
