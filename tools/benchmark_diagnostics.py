@@ -1,7 +1,8 @@
-"""What limits a synthetic row of the benchmark: two measurements on a benchmark workdir.
+"""What limits a synthetic row of the benchmark: measurements on a benchmark workdir.
 
 usage:
   python tools/benchmark_diagnostics.py contrast WORKDIR SYNTH_STAGE
+  python tools/benchmark_diagnostics.py separation WORKDIR SYNTH_STAGE
   python tools/benchmark_diagnostics.py false-positives WORKDIR SEG_STAGE CASE
   python tools/benchmark_diagnostics.py labels FOLDER
 
@@ -14,9 +15,12 @@ inside the brain as the segmentation bundle does, in the synthetic image and in 
 same case, averaged per data centre and modality. A generator that renders the labels' contrast shows
 the same figures as the real images.
 
+``separation``: for the same cases, the bright tail of the healthy brain, the dark tail of the tumour
+and the healthy brain's fine texture, synthetic against real (see :func:`separation`).
+
 ``false-positives``: a segmentation row's (``seg/<name>``) prediction on one held-out test case
-through the bundle's evaluation preprocessing and inferer: true/false positives and false negatives,
-by the slice's brain area (over the case's largest), and the real z-scored intensities where it was
+through the bundle's evaluation preprocessing and inferer: true/false positives (and how many of them
+lie within 2 voxels of the tumour) and false negatives, by the slice's brain area (over the case's largest), and the real z-scored intensities where it was
 wrong.
 """
 
@@ -24,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import nibabel as nib
@@ -42,10 +47,10 @@ def _centre(case: str) -> str:
     return "CBICA" if "CBICA" in case else "TCIA" if "TCIA" in case else "Other"
 
 
-def contrast(workdir: Path, stage: str) -> dict[str, dict[str, dict[str, list[float]]]]:
-    """``{centre: {modality: {label: [synthetic z, real z]}}}`` over the stage's cases."""
+def _pairs(workdir: Path, stage: str) -> Iterator[tuple[str, str, np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:
+    """``(centre, modality, synthetic z, real z, seg, brain)`` for every training case and modality of
+    synthesis stage ``stage``, both images z-scored inside the real image's brain."""
     real_root = workdir / "data"
-    sums: dict[tuple[str, str, str], list[tuple[float, float]]] = {}
     for case_dir in sorted((workdir / stage).glob("*GG/*")):
         case = case_dir.name
         real_dir = next(real_root.glob(f"*GG/{case}"))
@@ -57,16 +62,54 @@ def contrast(workdir: Path, stage: str) -> dict[str, dict[str, dict[str, list[fl
             synthetic = np.asarray(nib.load(synthetic_path).dataobj, dtype=np.float32)
             real = np.asarray(nib.load(real_dir / f"{case}_{suffix}.nii.gz").dataobj, dtype=np.float32)
             brain = real > 0
-            zs, zr = _z(synthetic, brain), _z(real, brain)
-            for label, name in LABELS.items():
-                inside = (seg == label) & brain
-                if inside.sum() >= 20:
-                    sums.setdefault((_centre(case), modality, name), []).append((zs[inside].mean(), zr[inside].mean()))
+            yield _centre(case), modality, _z(synthetic, brain), _z(real, brain), seg, brain
+
+
+def _mean_by_key(values: dict[tuple[str, str, str], list[tuple[float, float]]]) -> dict:
     out: dict[str, dict[str, dict[str, list[float]]]] = {}
-    for (centre, modality, name), values in sorted(sums.items()):
-        mean = np.mean(values, axis=0)
+    for (centre, modality, name), pairs in sorted(values.items()):
+        mean = np.mean(pairs, axis=0)
         out.setdefault(centre, {}).setdefault(modality, {})[name] = [round(float(mean[0]), 2), round(float(mean[1]), 2)]
     return out
+
+
+def contrast(workdir: Path, stage: str) -> dict[str, dict[str, dict[str, list[float]]]]:
+    """``{centre: {modality: {label: [synthetic z, real z]}}}`` over the stage's cases."""
+    sums: dict[tuple[str, str, str], list[tuple[float, float]]] = {}
+    for centre, modality, zs, zr, seg, brain in _pairs(workdir, stage):
+        for label, name in LABELS.items():
+            inside = (seg == label) & brain
+            if inside.sum() >= 20:
+                sums.setdefault((centre, modality, name), []).append((zs[inside].mean(), zr[inside].mean()))
+    return _mean_by_key(sums)
+
+
+def _separation_figures(z: np.ndarray, far: np.ndarray, tumour: np.ndarray) -> dict[str, float]:
+    from scipy import ndimage as ndi
+
+    fine = z - ndi.gaussian_filter(z, 1.5)
+    return {"healthy_p999": float(np.percentile(z[far], 99.9)), "tumour_p10": float(np.percentile(z[tumour], 10)),
+            "healthy_texture": float(fine[far].std())}
+
+
+def separation(workdir: Path, stage: str) -> dict[str, dict[str, dict[str, list[float]]]]:
+    """``{centre: {modality: {figure: [synthetic, real]}}}``: how far apart healthy brain and tumour lie.
+
+    ``healthy_p999``: the 99.9th percentile of z in healthy brain more than 5 voxels from the tumour
+    (its bright tail); ``tumour_p10``: the 10th percentile of z in the tumour (its dark tail);
+    ``healthy_texture``: the std of the healthy brain's fine detail (z minus its Gaussian blur, σ 1.5
+    voxels). A segmentation network learns a boundary between the first two; where the synthetic gap
+    is narrower than the real one, or the synthetic texture smoother, real healthy brain crosses it."""
+    from scipy import ndimage as ndi
+
+    values: dict[tuple[str, str, str], list[tuple[float, float]]] = {}
+    for centre, modality, zs, zr, seg, brain in _pairs(workdir, stage):
+        far = brain & (ndi.distance_transform_edt(seg == 0) > 5)
+        tumour = (seg > 0) & brain
+        synthetic, real = _separation_figures(zs, far, tumour), _separation_figures(zr, far, tumour)
+        for name in synthetic:
+            values.setdefault((centre, modality, name), []).append((synthetic[name], real[name]))
+    return _mean_by_key(values)
 
 
 def false_positives(workdir: Path, stage: str, case_id: str) -> dict[str, object]:
@@ -105,8 +148,11 @@ def false_positives(workdir: Path, stage: str, case_id: str) -> dict[str, object
     z = {m: {"at_fp": round(float(image[i][fp].mean()), 2) if fp.any() else None,
              "tumour": round(float(image[i][tumour].mean()), 2),
              "healthy": round(float(image[i][brain & ~tumour].mean()), 2)} for i, m in enumerate(mods)}
+    from scipy import ndimage as ndi
+
+    near = ndi.distance_transform_edt(~tumour) <= 2  # the tumour's rim: a boundary drawn too wide
     return {"case": case_id, "tumour": int(tumour.sum()), "tp": int((pred & tumour).sum()), "fp": int(fp.sum()),
-            "fn": int(fn.sum()), "by_brain_area": bins, "z": z}
+            "fp_within_2_voxels": int((fp & near).sum()), "fn": int(fn.sum()), "by_brain_area": bins, "z": z}
 
 
 def labels(root: Path) -> dict[str, dict[str, int]]:
@@ -127,6 +173,9 @@ def main() -> None:
     c = sub.add_parser("contrast")
     c.add_argument("workdir", type=Path)
     c.add_argument("stage", help="a synthesis stage, e.g. synth/bank-missing_modality-lgg-seed0")
+    s = sub.add_parser("separation")
+    s.add_argument("workdir", type=Path)
+    s.add_argument("stage", help="a synthesis stage, e.g. synth/bank-multimodal-lgg-seed0")
     f = sub.add_parser("false-positives")
     f.add_argument("workdir", type=Path)
     f.add_argument("stage", help="a segmentation stage, e.g. seg/synthetic_missing_modality_bank-lgg-seed0")
@@ -136,14 +185,15 @@ def main() -> None:
     a = parser.parse_args()
     if a.what == "labels":
         print(json.dumps(labels(a.folder), indent=1))
-    elif a.what == "contrast":
-        result = contrast(a.workdir, a.stage)
-        print(f"{'centre':6s} {'modality':8s} " + " ".join(f"{n:>17s}" for n in LABELS.values()))
+    elif a.what in ("contrast", "separation"):
+        result = (contrast if a.what == "contrast" else separation)(a.workdir, a.stage)
+        names = list(LABELS.values()) if a.what == "contrast" else ["healthy_p999", "tumour_p10", "healthy_texture"]
+        print(f"{'centre':6s} {'modality':8s} " + " ".join(f"{n:>17s}" for n in names))
         for centre, mods in result.items():
-            for modality, by_label in mods.items():
-                cells = [f"{by_label[n][0]:+.2f} / {by_label[n][1]:+.2f}" if n in by_label else "-" for n in LABELS.values()]
+            for modality, by_name in mods.items():
+                cells = [f"{by_name[n][0]:+.2f} / {by_name[n][1]:+.2f}" if n in by_name else "-" for n in names]
                 print(f"{centre:6s} {modality:8s} " + " ".join(f"{x:>17s}" for x in cells))
-        print("(synthetic / real: mean z inside the brain)")
+        print("(synthetic / real" + (": mean z inside the brain)" if a.what == "contrast" else ")"))
     else:
         result = false_positives(a.workdir, a.stage, a.case)
         print(json.dumps(result, indent=1))
