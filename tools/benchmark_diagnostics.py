@@ -20,8 +20,8 @@ and the healthy brain's fine texture, synthetic against real (see :func:`separat
 
 ``false-positives``: a segmentation row's (``seg/<name>``) prediction on one held-out test case
 through the bundle's evaluation preprocessing and inferer: true/false positives (and how many of them
-lie within 2 voxels of the tumour) and false negatives, by the slice's brain area (over the case's largest), and the real z-scored intensities where it was
-wrong.
+lie within 2 voxels of the tumour) and false negatives, by the slice's brain area (over the case's
+largest), and the real z-scored intensities where it was wrong.
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+from scipy import ndimage as ndi
 
 #: BraTS label -> name; 0 is the healthy brain.
 LABELS = {0: "healthy", 2: "edema", 1: "necrosis", 4: "enhancing"}
@@ -85,8 +86,6 @@ def contrast(workdir: Path, stage: str) -> dict[str, dict[str, dict[str, list[fl
 
 
 def _separation_figures(z: np.ndarray, far: np.ndarray, tumour: np.ndarray) -> dict[str, float]:
-    from scipy import ndimage as ndi
-
     fine = z - ndi.gaussian_filter(z, 1.5)
     return {"healthy_p999": float(np.percentile(z[far], 99.9)), "tumour_p10": float(np.percentile(z[tumour], 10)),
             "healthy_texture": float(fine[far].std())}
@@ -100,8 +99,6 @@ def separation(workdir: Path, stage: str) -> dict[str, dict[str, dict[str, list[
     ``healthy_texture``: the std of the healthy brain's fine detail (z minus its Gaussian blur, σ 1.5
     voxels). A segmentation network learns a boundary between the first two; where the synthetic gap
     is narrower than the real one, or the synthetic texture smoother, real healthy brain crosses it."""
-    from scipy import ndimage as ndi
-
     values: dict[tuple[str, str, str], list[tuple[float, float]]] = {}
     for centre, modality, zs, zr, seg, brain in _pairs(workdir, stage):
         far = brain & (ndi.distance_transform_edt(seg == 0) > 5)
@@ -148,8 +145,6 @@ def false_positives(workdir: Path, stage: str, case_id: str) -> dict[str, object
     z = {m: {"at_fp": round(float(image[i][fp].mean()), 2) if fp.any() else None,
              "tumour": round(float(image[i][tumour].mean()), 2),
              "healthy": round(float(image[i][brain & ~tumour].mean()), 2)} for i, m in enumerate(mods)}
-    from scipy import ndimage as ndi
-
     near = ndi.distance_transform_edt(~tumour) <= 2  # the tumour's rim: a boundary drawn too wide
     return {"case": case_id, "tumour": int(tumour.sum()), "tp": int((pred & tumour).sum()), "fp": int(fp.sum()),
             "fp_within_2_voxels": int((fp & near).sum()), "fn": int(fn.sum()), "by_brain_area": bins, "z": z}
