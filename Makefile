@@ -14,10 +14,12 @@ demo: install
 
 LINT = ruff check custom tests flare_app setup.py
 
-# The test suite (CI runs exactly this through .ci/run).
+# The test suite (CI runs exactly this through .ci/run), in $(WORKERS) pytest-xdist workers: the real
+# POC / provisioned federations run one after another in one of them (tests/conftest.py).
+WORKERS ?= 2
 test: install
 	$(LINT)
-	$(PYTHON) -m pytest -q --durations=12
+	$(PYTHON) -m pytest -q -n $(WORKERS) --dist loadgroup --durations=12
 
 # The fast inner loop: the tests not marked slow or deploy (no NVFlare run, no bundle training).
 test-fast: install
