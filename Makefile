@@ -2,7 +2,7 @@
 PYTHON ?= python3
 PIP_INSTALL = $(PYTHON) -m pip install --quiet --disable-pip-version-check
 
-.PHONY: install demo test test-fast bench
+.PHONY: install demo test test-long test-fast bench
 
 install:
 	$(PIP_INSTALL) torch==2.13.0
@@ -14,12 +14,14 @@ demo: install
 
 LINT = ruff check custom tests flare_app setup.py
 
-# The test suite (CI runs exactly this through .ci/run), in $(WORKERS) pytest-xdist workers: the real
-# POC / provisioned federations run one after another in one of them (tests/conftest.py).
-WORKERS ?= 2
+# The test suite (CI runs exactly this through .ci/run, then test-long): every test but the `long` ones.
 test: install
 	$(LINT)
-	$(PYTHON) -m pytest -q -n $(WORKERS) --dist loadgroup --durations=12
+	$(PYTHON) -m pytest -q -m "not long" --durations=12
+
+# The whole runs of more than ~2 minutes each (committed jobs as they are, the whole benchmark at tiny).
+test-long: install
+	$(PYTHON) -m pytest -q -m long --durations=12
 
 # The fast inner loop: the tests not marked slow or deploy (no NVFlare run, no bundle training).
 test-fast: install

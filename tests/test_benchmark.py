@@ -139,6 +139,7 @@ def test_row_summary_and_differences_beyond_the_seed_spread() -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.long
 def test_benchmark_table_1_end_to_end_at_tiny(phantom_root: Path, tmp_path: Path) -> None:
     """The whole pipeline, on the real components: NVFlare simulator for the bank, AsynDGAN and
     FedAvg-All; the segmentation bundle for every row; every row and column present and finite."""

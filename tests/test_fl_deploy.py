@@ -46,6 +46,7 @@ def _check(result: dict, workdir: Path, rounds: int) -> None:
     assert result["listening"] and all(s["address"] == "127.0.0.1" for s in result["listening"])
 
 
+@pytest.mark.long
 def test_poc_job_as_committed_on_sites_with_the_package(tmp_path) -> None:
     """`nvflare job submit` of jobs/modalitybank_missing_modality as committed: configuration only, BYOC off at
     every site, the sites' allow-list admitting the installed package."""
@@ -90,6 +91,7 @@ def _entry_hashes(folder: Path) -> dict[str, str]:
     return {p.stem: hashlib.sha256(p.read_bytes()).hexdigest() for p in (folder / "entries").glob("*.pt")}
 
 
+@pytest.mark.long
 def test_poc_modality_that_joins_later_with_each_site_reading_its_own_folder(phantom_root, cache_dir, pretrained,
                                                                               tmp_path) -> None:
     """`modalitybank fl poc --resume-from --add-modality t1 --site-config`: the bank of a finished T1c + T2 + FLAIR
@@ -138,6 +140,7 @@ def _wait_for(path_glob: Callable[[], list[Path]], pattern: str, timeout: float)
     raise AssertionError(f"no {pattern!r} in {path_glob()} after {timeout:.0f} s")
 
 
+@pytest.mark.long
 @pytest.mark.parametrize("folder_lost", [False, True], ids=["crash", "crash-and-job-folder-lost"])
 def test_poc_site_killed_mid_job_and_started_again_rejoins_the_running_job(phantom_root, cache_dir, pretrained,
                                                                             tmp_path, folder_lost) -> None:

@@ -154,6 +154,7 @@ def _readme_line(prefix: str) -> str:
 
 
 @pytest.mark.slow
+@pytest.mark.long
 def test_readme_simulator_line_runs_verbatim() -> None:
     """The README's `nvflare simulator jobs/modalitybank_multimodal ...`, as written, from the repository root."""
     line = _readme_line("nvflare simulator jobs/modalitybank_multimodal")

@@ -4,6 +4,7 @@ usage:
   python tools/benchmark_diagnostics.py contrast WORKDIR SYNTH_STAGE
   python tools/benchmark_diagnostics.py separation WORKDIR SYNTH_STAGE
   python tools/benchmark_diagnostics.py false-positives WORKDIR SEG_STAGE CASE
+  python tools/benchmark_diagnostics.py components WORKDIR SEG_STAGE
   python tools/benchmark_diagnostics.py labels FOLDER
 
 ``labels``: the voxels of each tumour label in every grade folder (``HGG``, ``LGG``) of a BraTS-layout
@@ -22,6 +23,9 @@ and the healthy brain's fine texture, synthetic against real (see :func:`separat
 through the bundle's evaluation preprocessing and inferer: true/false positives (and how many of them
 lie within 2 voxels of the tumour) and false negatives, by the slice's brain area (over the case's
 largest), and the real z-scored intensities where it was wrong.
+
+``components``: a segmentation row's prediction on every held-out test case: how many connected
+pieces it has, and its Dice with only the largest kept (how much isolated false positives cost).
 """
 
 from __future__ import annotations
@@ -109,31 +113,60 @@ def separation(workdir: Path, stage: str) -> dict[str, dict[str, dict[str, list[
     return _mean_by_key(values)
 
 
-def false_positives(workdir: Path, stage: str, case_id: str) -> dict[str, object]:
-    """Where row ``stage`` is wrong on test case ``case_id`` (see the module docstring)."""
+def _modalities(workdir: Path, stage: str) -> list[str]:
+    """The modalities of the table a workdir's stage belongs to (from its ``settings.json``)."""
+    experiments = json.loads((workdir / "settings.json").read_text())["experiments"]
+    return list(experiments["missing_modality" if "missing_modality" in stage else "multimodal"]["targets"])
+
+
+def _predictions(workdir: Path, stage: str, case_id: str = "") -> Iterator[tuple[str, np.ndarray, np.ndarray, np.ndarray]]:
+    """``(case, image, tumour, prediction)`` of segmentation row ``stage`` on every held-out test case
+    whose name contains ``case_id``, through the bundle's evaluation preprocessing and inferer."""
     import torch
     from monai.bundle import ConfigParser
 
     from modalitybank.bundle.segmentation import brats_datalist
     from modalitybank.resources import bundle_dir
 
-    modalities = json.loads((workdir / "settings.json").read_text())["experiments"]
-    seg_dir = workdir / stage
-    table = "missing_modality" if "missing_modality" in stage else "multimodal"
-    mods = list(modalities[table]["targets"])
-    cases = brats_datalist(workdir / "data", mods, sections={"test": "test"})["test"]
-    case = next(c for c in cases if case_id in str(c["label"]))
+    mods = _modalities(workdir, stage)
+    cases = [c for c in brats_datalist(workdir / "data", mods, sections={"test": "test"})["test"]
+             if case_id in str(c["label"])]
     parser = ConfigParser()
     bundle = bundle_dir("tumor_segmentation")
     parser.read_config(str(bundle / "configs" / "train.json"))
     parser.update({"bundle_root": str(bundle), "modalities": mods, "device": "$torch.device('cpu')"})
     net = parser.get_parsed_content("network_def")
-    net.load_state_dict(torch.load(seg_dir / "models" / "model.pt", map_location="cpu", weights_only=True))
+    net.load_state_dict(torch.load(workdir / stage / "models" / "model.pt", map_location="cpu", weights_only=True))
     net.eval()
-    item = parser.get_parsed_content("validate#preprocessing")({k: case[k] for k in ("image", "label")})
-    with torch.no_grad():
-        pred = parser.get_parsed_content("validate#inferer")(item["image"][None].float(), net).argmax(1)[0].numpy() > 0
-    image, tumour = item["image"].numpy(), item["label"][0].numpy() > 0
+    preprocessing, inferer = parser.get_parsed_content("validate#preprocessing"), parser.get_parsed_content("validate#inferer")
+    for case in cases:
+        item = preprocessing({k: case[k] for k in ("image", "label")})
+        with torch.no_grad():
+            pred = inferer(item["image"][None].float(), net).argmax(1)[0].numpy() > 0
+        yield case.get("case", Path(case["label"]).name), item["image"].numpy(), item["label"][0].numpy() > 0, pred
+
+
+def _dice(pred: np.ndarray, truth: np.ndarray) -> float:
+    return round(float(2 * (pred & truth).sum() / max(pred.sum() + truth.sum(), 1)), 4)
+
+
+def components(workdir: Path, stage: str) -> dict[str, dict[str, float]]:
+    """Per test case: the prediction's connected components (26-connected, in 3D), the voxels outside
+    the largest, and Dice as predicted and with only the largest component kept."""
+    out = {}
+    for case, _, tumour, pred in _predictions(workdir, stage):
+        cc, n = ndi.label(pred, structure=np.ones((3, 3, 3)))
+        largest = cc == 1 + int(np.argmax(ndi.sum(pred, cc, range(1, n + 1)))) if n else pred
+
+        out[case] = {"components": n, "outside_largest": int(pred.sum() - largest.sum()),
+                     "dice": _dice(pred, tumour), "dice_largest": _dice(largest, tumour)}
+    out["mean"] = {k: round(float(np.mean([v[k] for v in out.values()])), 4) for k in ("dice", "dice_largest")}
+    return out
+
+
+def false_positives(workdir: Path, stage: str, case_id: str) -> dict[str, object]:
+    """Where row ``stage`` is wrong on test case ``case_id`` (see the module docstring)."""
+    _, image, tumour, pred = next(_predictions(workdir, stage, case_id))
     brain = np.abs(image).sum(0) > 0
     area = brain.sum((0, 1)) / brain.sum((0, 1)).max()
     fp, fn = pred & ~tumour, tumour & ~pred
@@ -144,7 +177,7 @@ def false_positives(workdir: Path, stage: str, case_id: str) -> dict[str, object
                                                 "fn": int(fn[:, :, zs].sum())}
     z = {m: {"at_fp": round(float(image[i][fp].mean()), 2) if fp.any() else None,
              "tumour": round(float(image[i][tumour].mean()), 2),
-             "healthy": round(float(image[i][brain & ~tumour].mean()), 2)} for i, m in enumerate(mods)}
+             "healthy": round(float(image[i][brain & ~tumour].mean()), 2)} for i, m in enumerate(_modalities(workdir, stage))}
     near = ndi.distance_transform_edt(~tumour) <= 2  # the tumour's rim: a boundary drawn too wide
     return {"case": case_id, "tumour": int(tumour.sum()), "tp": int((pred & tumour).sum()), "fp": int(fp.sum()),
             "fp_within_2_voxels": int((fp & near).sum()), "fn": int(fn.sum()), "by_brain_area": bins, "z": z}
@@ -175,6 +208,9 @@ def main() -> None:
     f.add_argument("workdir", type=Path)
     f.add_argument("stage", help="a segmentation stage, e.g. seg/synthetic_missing_modality_bank-lgg-seed0")
     f.add_argument("case", help="a held-out test case (a part of its name is enough)")
+    k = sub.add_parser("components")
+    k.add_argument("workdir", type=Path)
+    k.add_argument("stage", help="a segmentation stage, e.g. seg/synthetic_multimodal_bank-lgg-seed0")
     la = sub.add_parser("labels")
     la.add_argument("folder", type=Path)
     a = parser.parse_args()
@@ -189,6 +225,8 @@ def main() -> None:
                 cells = [f"{by_name[n][0]:+.2f} / {by_name[n][1]:+.2f}" if n in by_name else "-" for n in names]
                 print(f"{centre:6s} {modality:8s} " + " ".join(f"{x:>17s}" for x in cells))
         print("(synthetic / real" + (": mean z inside the brain)" if a.what == "contrast" else ")"))
+    elif a.what == "components":
+        print(json.dumps(components(a.workdir, a.stage), indent=1))
     else:
         result = false_positives(a.workdir, a.stage, a.case)
         print(json.dumps(result, indent=1))
