@@ -227,7 +227,7 @@ class BrainInstanceNorm(nn.Module):
             are used unblended.
         eps: added to the variance, as in ``nn.InstanceNorm2d``.
 
-    Shapes: ``x (N, C, *S)``, ``brain (N, 1, *S0)`` in [0, 1] at any resolution → ``(N, C, *S)``.
+    Shapes: ``x (N, C, *S)``, ``brain (N, 1, *S0)`` in [0, 1] at any resolution → ``(N, C, *S)`` float32.
 
     Example::
 
@@ -245,6 +245,7 @@ class BrainInstanceNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor, brain: torch.Tensor) -> torch.Tensor:
+        x = x.float()  # statistics in float32, also when the convolutions run in bfloat16 (autocast)
         dims = list(range(2, x.dim()))
         mean = x.mean(dim=dims, keepdim=True)
         var = x.var(dim=dims, unbiased=False, keepdim=True)

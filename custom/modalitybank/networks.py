@@ -39,6 +39,22 @@ __all__ = [
 #: The generator's normalisations (:class:`ResnetGenerator` ``norm``).
 NORMS = ("brain", "instance")
 
+#: Compute precisions of the networks' convolutions (``precision`` of :class:`ResnetGenerator` and
+#: :class:`ConditionalDiscriminator`): ``"bfloat16"`` runs them under ``torch.autocast`` (parameters,
+#: norms, losses and outputs stay float32), about 1.8x faster on CPUs with AVX512-BF16 and on GPUs.
+PRECISIONS = ("float32", "bfloat16")
+
+
+def _check_precision(precision: str) -> str:
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, not {precision!r}")
+    return precision
+
+
+def _autocast(x: torch.Tensor, precision: str) -> torch.autocast:
+    """The autocast context of ``precision`` for the device of ``x`` (disabled for float32)."""
+    return torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=precision == "bfloat16")
+
 #: Generator input channels: one-hot BraTS labels (0, 1, 2, 4) and the brain mask.
 MASK_CHANNELS = len(BRATS_LABELS) + 1
 
@@ -124,6 +140,8 @@ class ResnetGenerator(nn.Module):
             generated without a bank entry unless the bank holds an entry of that name.
         norm: ``"brain"`` (statistics inside the brain mask) or ``"instance"`` (over the whole
             slice: the generators saved before the ``norm`` setting existed).
+        precision: ``"float32"``, or ``"bfloat16"``: the convolutions run in bfloat16 under autocast
+            (:data:`PRECISIONS`); parameters and the output stay float32. TorchScript runs float32.
 
     Shapes: ``(N, in_channels, *spatial)`` → ``(N, out_channels, *spatial)`` in [-1, 1].
 
@@ -140,7 +158,7 @@ class ResnetGenerator(nn.Module):
     def __init__(self, spatial_dims: int = 2, in_channels: int = MASK_CHANNELS, out_channels: int = 1, ngf: int = 32,
                  n_blocks: int = 4, n_downsampling: int = 2, modulated: bool = True,
                  output_modalities: Sequence[str] | None = None, base_modality: str | None = None,
-                 norm: str = "brain") -> None:
+                 norm: str = "brain", precision: str = "float32") -> None:
         super().__init__()
         if norm not in NORMS:
             raise ValueError(f"norm must be one of {NORMS}, not {norm!r}")
@@ -150,8 +168,9 @@ class ResnetGenerator(nn.Module):
             "spatial_dims": spatial_dims, "in_channels": in_channels, "out_channels": out_channels, "ngf": ngf,
             "n_blocks": n_blocks, "n_downsampling": n_downsampling, "modulated": modulated,
             "output_modalities": list(output_modalities) if output_modalities is not None else None,
-            "base_modality": base_modality, "norm": norm,
+            "base_modality": base_modality, "norm": norm, "precision": _check_precision(precision),
         }
+        self.precision = precision
         masked = norm == "brain"
         layers: list[nn.Module] = [
             _conv(modulated, spatial_dims, in_channels, ngf, 7, padding=3, padding_mode="reflect"),
@@ -180,7 +199,14 @@ class ResnetGenerator(nn.Module):
         return self._bank
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.precision != "float32" and not torch.jit.is_scripting():
+            return self._forward_autocast(x)
         return self.model(x, x[:, -1:])  # the last input channel is the brain mask
+
+    @torch.jit.unused
+    def _forward_autocast(self, x: torch.Tensor) -> torch.Tensor:
+        with _autocast(x, self.precision):
+            return self.model(x, x[:, -1:]).float()
 
     def generate(self, mask: torch.Tensor, modalities: Sequence[str]) -> dict[str, torch.Tensor]:
         """Synthesise ``modalities`` from mask channels: ``{modality: (N, 1, *spatial)}``.
@@ -231,7 +257,7 @@ def build_generator(model: dict[str, Any], spatial_dims: int = 2, output_modalit
     return ResnetGenerator(spatial_dims=spatial_dims, out_channels=len(output_modalities) if multi else 1,
                            ngf=model["ngf"], n_blocks=model["n_blocks"], n_downsampling=model["n_downsampling"],
                            modulated=not multi, output_modalities=output_modalities, base_modality=base_modality,
-                           norm=model["norm"])
+                           norm=model["norm"], precision=model.get("precision", "float32"))
 
 
 class ConditionalDiscriminator(nn.Module):
@@ -243,25 +269,35 @@ class ConditionalDiscriminator(nn.Module):
         image_channels: channels of the image judged (1: one modality).
         channels: width of the first layer (pix2pix's ``ndf``).
         num_layers: strided layers (pix2pix's ``n_layers_D``).
+        precision: ``"float32"`` or ``"bfloat16"`` (convolutions under autocast; float32 logits).
 
     Shapes: ``mask (N, mask_channels, *S)``, ``image (N, image_channels, *S)`` →
-    patch logits ``(N, 1, *S')``.
+    patch logits ``(N, 1, *S')``, float32.
     """
 
     def __init__(self, spatial_dims: int = 2, mask_channels: int = MASK_CHANNELS, image_channels: int = 1,
-                 channels: int = 64, num_layers: int = 3) -> None:
+                 channels: int = 64, num_layers: int = 3, precision: str = "float32") -> None:
         super().__init__()
         self.net = PatchDiscriminator(spatial_dims=spatial_dims, channels=channels,
                                       in_channels=mask_channels + image_channels, out_channels=1,
                                       num_layers_d=num_layers, norm="INSTANCE")
+        self.precision = _check_precision(precision)
 
     def forward(self, mask: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
+        if self.precision != "float32" and not torch.jit.is_scripting():
+            return self._forward_autocast(mask, image)
         return self.net(torch.cat([mask, image], dim=1))[-1]
+
+    @torch.jit.unused
+    def _forward_autocast(self, mask: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
+        with _autocast(image, self.precision):
+            return self.net(torch.cat([mask, image], dim=1))[-1].float()
 
 
 def build_discriminator(model: dict[str, Any], spatial_dims: int = 2) -> ConditionalDiscriminator:
-    """A site discriminator from a preset's ``model`` section (``ndf``, ``n_layers_d``)."""
-    return ConditionalDiscriminator(spatial_dims=spatial_dims, channels=model["ndf"], num_layers=model["n_layers_d"])
+    """A site discriminator from a preset's ``model`` section (``ndf``, ``n_layers_d``, optional ``precision``)."""
+    return ConditionalDiscriminator(spatial_dims=spatial_dims, channels=model["ndf"], num_layers=model["n_layers_d"],
+                                    precision=model.get("precision", "float32"))
 
 
 def segmentation_network(in_channels: int, out_channels: int = 2, spatial_dims: int = 2,

@@ -1,0 +1,135 @@
+"""bfloat16 compute (a preset's ``model.precision``): the networks' convolutions under autocast, everything a
+loop sees (parameters, outputs, the gradient a site returns) float32, and the same function as float32
+within bfloat16's rounding."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from modalitybank import config
+from modalitybank.gan import GanLoss, site_step
+from modalitybank.layers import BrainInstanceNorm
+from modalitybank.networks import (
+    ConditionalDiscriminator,
+    ResnetGenerator,
+    build_discriminator,
+    build_generator,
+    mask_channels,
+)
+from modalitybank.store import load_generator, read_info, save_generator
+
+
+def _mask(n: int = 2, size: int = 32) -> torch.Tensor:
+    label = torch.zeros(n, size, size, dtype=torch.long)
+    label[:, 10:18, 12:20] = 2
+    label[:, 12:15, 14:17] = 4
+    brain = torch.zeros(n, size, size)
+    brain[:, 3:-3, 4:-4] = 1
+    return mask_channels(label, brain)
+
+
+def _twins(**kwargs) -> tuple[ResnetGenerator, ResnetGenerator]:
+    torch.manual_seed(0)
+    full = ResnetGenerator(ngf=8, n_blocks=2, n_downsampling=3, **kwargs)
+    half = ResnetGenerator(ngf=8, n_blocks=2, n_downsampling=3, precision="bfloat16", **kwargs)
+    half.load_state_dict(full.state_dict())
+    return full, half
+
+
+def test_bfloat16_generator_is_the_float32_function_within_rounding() -> None:
+    full, half = _twins()
+    for g in (full, half):
+        g.bank.add("flair")
+        g.bank.freeze_base()
+        g.bank.use("flair")
+    with torch.no_grad():
+        for p in half.bank.entry_parameters("flair"):
+            p.mul_(1.1)
+        for p in full.bank.entry_parameters("flair"):
+            p.mul_(1.1)
+    x = _mask()
+    y_full, y_half = full(x), half(x)
+    assert y_half.dtype == torch.float32 and y_half.shape == y_full.shape == (2, 1, 32, 32)
+    err = (y_half - y_full).abs()
+    assert 0 < err.max() < 0.1 and err.mean() < 0.02  # bfloat16 rounds (8-bit mantissa), nothing more
+
+    # the entries' gradients (what the server's Adam follows) agree in direction
+    y_full.sum().backward()
+    y_half.sum().backward()
+    g_full = torch.cat([p.grad.flatten() for p in full.bank.entry_parameters("flair")])
+    g_half = torch.cat([p.grad.flatten() for p in half.bank.entry_parameters("flair")])
+    assert g_half.dtype == torch.float32
+    assert torch.nn.functional.cosine_similarity(g_full, g_half, dim=0) > 0.99
+
+
+def test_bfloat16_runs_the_convolutions_in_bfloat16() -> None:
+    _, half = _twins()
+    seen: list[torch.dtype] = []
+    conv = half.model[0]
+    handle = conv.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+    half(_mask())
+    handle.remove()
+    assert seen == [torch.bfloat16]
+    assert all(p.dtype == torch.float32 for p in half.parameters())
+
+
+def test_site_step_of_a_bfloat16_discriminator_returns_a_float32_gradient_close_to_float32s() -> None:
+    torch.manual_seed(0)
+    d_full = ConditionalDiscriminator(channels=16, num_layers=2)
+    d_half = ConditionalDiscriminator(channels=16, num_layers=2, precision="bfloat16")
+    d_half.load_state_dict(d_full.state_dict())
+    mask, real = _mask(), torch.rand(2, 1, 32, 32) * 2 - 1
+    fake = torch.rand(2, 1, 32, 32) * 2 - 1
+    grads = []
+    for d in (d_full, d_half):
+        opt = torch.optim.SGD(d.parameters(), lr=0.0)  # no update: both judge with the same weights
+        grad, losses = site_step(d, opt, mask, real, fake, GanLoss())
+        assert grad.dtype == torch.float32 and grad.shape == fake.shape
+        assert all(isinstance(v, float) for v in losses.values())
+        grads.append(grad)
+    assert d_half(mask, real).dtype == torch.float32
+    assert torch.nn.functional.cosine_similarity(grads[0].flatten(), grads[1].flatten(), dim=0) > 0.99
+
+
+def test_bfloat16_generator_scripts_folded_and_runs_float32() -> None:
+    full, half = _twins()
+    half.bank.add("t2")
+    half.bank.freeze_base()
+    scripted = torch.jit.script(half.bank.fold("t2"))
+    y = scripted(_mask())
+    assert y.dtype == torch.float32
+    with torch.no_grad():
+        half.bank.use("t2")
+        assert (y - half(_mask())).abs().max() < 0.1
+
+
+def test_brain_norm_takes_its_statistics_in_float32() -> None:
+    x = torch.randn(2, 4, 16, 16).bfloat16()
+    out = BrainInstanceNorm()(x, torch.ones(2, 1, 16, 16))
+    assert out.dtype == torch.float32
+    assert torch.allclose(out.mean(dim=(2, 3)), torch.zeros(2, 4), atol=1e-5)
+
+
+def test_precision_is_stored_and_a_store_without_it_loads_as_float32(tmp_path: Path) -> None:
+    _, half = _twins(base_modality="t1c")
+    save_generator(half, tmp_path / "half")
+    assert read_info(tmp_path / "half")["architecture"]["precision"] == "bfloat16"
+    assert load_generator(tmp_path / "half").precision == "bfloat16"
+    info = json.loads((tmp_path / "half" / "generator.json").read_text())
+    del info["architecture"]["precision"]
+    (tmp_path / "half" / "generator.json").write_text(json.dumps(info))
+    assert load_generator(tmp_path / "half").precision == "float32"
+
+
+def test_presets_build_their_precision_and_unknown_ones_are_refused() -> None:
+    small = config.preset("small")["model"]
+    assert build_generator(small).precision == small.get("precision", "float32")
+    assert build_discriminator(small).precision == small.get("precision", "float32")
+    with pytest.raises(ValueError, match="precision"):
+        ResnetGenerator(ngf=8, n_blocks=1, precision="float16")
+    with pytest.raises(ValueError, match="precision"):
+        ConditionalDiscriminator(channels=8, num_layers=1, precision="half")
