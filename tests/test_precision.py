@@ -133,3 +133,16 @@ def test_presets_build_their_precision_and_unknown_ones_are_refused() -> None:
         ResnetGenerator(ngf=8, n_blocks=1, precision="float16")
     with pytest.raises(ValueError, match="precision"):
         ConditionalDiscriminator(channels=8, num_layers=1, precision="half")
+
+
+@pytest.mark.parametrize("scale", ["small", "paper"])
+def test_generator_sees_the_phantom_at_its_own_in_plane_resolution(scale: str) -> None:
+    """The slice size of ``small`` and ``paper`` is the phantom's in-plane grid (BraTS' 240 mm field of view at
+    the preset's spacing), and divides by the generator's downsampling: no resizing between the images and the
+    generator. At 64² on small's 120² slices the real images alone lost 2.7 Dice points (README)."""
+    from modalitybank.data.anatomy import grid_shape
+
+    p = config.preset(scale)
+    size = p["slices"]["image_size"]
+    assert grid_shape(p["data"]["spacing_mm"])[:2] == (size, size)
+    assert size % 2 ** p["model"]["n_downsampling"] == 0

@@ -40,15 +40,19 @@ def bench_layers(scale: str = "small", steps: int = 5, rounds: int = 7, seed: in
     mAdaFM generator with its entry folded into plain convolutions, against the plain generator.
     ``norm_train_ratio``: the mAdaFM training step with the preset's norm against the same step with
     whole-slice instance norm (the cost of taking the statistics inside the brain).
+    ``precision_train_ratio``: the mAdaFM training step in the preset's precision against the same step
+    in float32 (1.0 for a float32 preset).
     """
     p = config.preset(scale)
     model, size, batch = p["model"], p["slices"]["image_size"], p["train"]["batch_size"]
     torch.manual_seed(seed)
+    precision = model.get("precision", "float32")
     kwargs = {"ngf": model["ngf"], "n_blocks": model["n_blocks"], "n_downsampling": model["n_downsampling"],
-              "norm": model["norm"]}
+              "norm": model["norm"], "precision": precision}
     madafm = ResnetGenerator(modulated=True, **kwargs)
     unmasked = ResnetGenerator(modulated=True, **{**kwargs, "norm": "instance"})
-    for net in (madafm, unmasked):
+    full = ResnetGenerator(modulated=True, **{**kwargs, "precision": "float32"})
+    for net in (madafm, unmasked, full):
         net.bank.add("flair")
         net.bank.freeze_base()
         net.bank.use("flair")
@@ -58,6 +62,7 @@ def bench_layers(scale: str = "small", steps: int = 5, rounds: int = 7, seed: in
     opt_madafm = torch.optim.Adam(madafm.bank.entry_parameters("flair"), lr=2e-4)
     opt_plain = torch.optim.Adam(plain.parameters(), lr=2e-4)
     opt_unmasked = torch.optim.Adam(unmasked.bank.entry_parameters("flair"), lr=2e-4)
+    opt_full = torch.optim.Adam(full.bank.entry_parameters("flair"), lr=2e-4)
 
     def train(net: torch.nn.Module, opt: torch.optim.Optimizer) -> Callable[[], None]:
         def step() -> None:
@@ -66,8 +71,11 @@ def bench_layers(scale: str = "small", steps: int = 5, rounds: int = 7, seed: in
             opt.step()
         return step
 
-    train_times = side_by_side({"madafm": train(madafm, opt_madafm), "plain": train(plain, opt_plain),
-                                "madafm_instance_norm": train(unmasked, opt_unmasked)}, steps, rounds)
+    fns = {"madafm": train(madafm, opt_madafm), "plain": train(plain, opt_plain),
+           "madafm_instance_norm": train(unmasked, opt_unmasked)}
+    if precision != "float32":
+        fns["madafm_float32"] = train(full, opt_full)
+    train_times = side_by_side(fns, steps, rounds)
     folded = madafm.bank.fold("flair")
     plain.eval()
 
@@ -83,6 +91,8 @@ def bench_layers(scale: str = "small", steps: int = 5, rounds: int = 7, seed: in
         "infer_ratio": round(infer_times["madafm"] / infer_times["plain"], 4),
         "norm": model["norm"],
         "norm_train_ratio": round(train_times["madafm"] / train_times["madafm_instance_norm"], 4),
+        "precision": precision,
+        "precision_train_ratio": round(train_times["madafm"] / train_times.get("madafm_float32", train_times["madafm"]), 4),
         "train_seconds_madafm": round(train_times["madafm"], 5),
         "train_seconds_plain": round(train_times["plain"], 5),
         "infer_seconds_madafm": round(infer_times["madafm"], 5),
