@@ -146,3 +146,38 @@ def test_generator_sees_the_phantom_at_its_own_in_plane_resolution(scale: str) -
     size = p["slices"]["image_size"]
     assert grid_shape(p["data"]["spacing_mm"])[:2] == (size, size)
     assert size % 2 ** p["model"]["n_downsampling"] == 0
+
+
+def test_mask_skip_head_sees_the_input_mask_at_full_resolution(tmp_path: Path) -> None:
+    """With ``mask_skip`` the output depends on the mask through the head directly: a one-pixel change of the
+    label map changes the output at that pixel even when the decoder's features are held fixed."""
+    torch.manual_seed(0)
+    g = ResnetGenerator(ngf=8, n_blocks=1, n_downsampling=3, mask_skip=True, base_modality="t1c")
+    assert g.head.weight.shape[1] == 8 + 5 and "head.weight" in g.state_dict()
+    x = _mask(1)
+    y = x.clone()
+    y[0, :, 5, 20] = torch.tensor([0.0, 0.0, 1.0, 0.0, 1.0])  # one healthy pixel becomes edema
+    features = g.model(x, x[:, -1:])
+    with torch.no_grad():
+        direct = torch.tanh(g.head(torch.cat([features, y], 1))) - torch.tanh(g.head(torch.cat([features, x], 1)))
+    assert direct[0, 0, 5, 20].abs() > 0 and direct[0, 0, 5, 27:].abs().max() == 0  # 7x7 head: local only
+    g.bank.add("flair")
+    g.bank.freeze_base()
+    assert "head" in g.bank.layers
+    save_generator(g, tmp_path / "g")
+    loaded = load_generator(tmp_path / "g")
+    assert loaded.mask_skip and read_info(tmp_path / "g")["architecture"]["mask_skip"] is True
+    loaded.bank.use("flair")
+    g.bank.use("flair")
+    assert torch.equal(loaded(x), g(x))
+    assert torch.allclose(torch.jit.script(g.bank.fold("flair"))(x), g(x), atol=1e-5)
+
+
+def test_a_store_without_mask_skip_loads_without_it(tmp_path: Path) -> None:
+    g = ResnetGenerator(ngf=8, n_blocks=1, base_modality="t1c")
+    save_generator(g, tmp_path / "g")
+    info = json.loads((tmp_path / "g" / "generator.json").read_text())
+    del info["architecture"]["mask_skip"]
+    (tmp_path / "g" / "generator.json").write_text(json.dumps(info))
+    loaded = load_generator(tmp_path / "g")
+    assert not loaded.mask_skip and torch.equal(loaded(_mask(1)), g(_mask(1)))

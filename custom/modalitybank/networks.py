@@ -142,6 +142,11 @@ class ResnetGenerator(nn.Module):
             slice: the generators saved before the ``norm`` setting existed).
         precision: ``"float32"``, or ``"bfloat16"``: the convolutions run in bfloat16 under autocast
             (:data:`PRECISIONS`); parameters and the output stay float32. TorchScript runs float32.
+        mask_skip: the 7×7 head sees the input mask channels beside the decoder's features, so the
+            label map's edges reach the output at full resolution instead of through the bottleneck
+            (without it a tumour's edge is drawn as a ramp several pixels wide, and a segmentation
+            network trained on such images draws real edges too tight). The head is then ``head``, not
+            the last layers of ``model``.
 
     Shapes: ``(N, in_channels, *spatial)`` → ``(N, out_channels, *spatial)`` in [-1, 1].
 
@@ -158,7 +163,7 @@ class ResnetGenerator(nn.Module):
     def __init__(self, spatial_dims: int = 2, in_channels: int = MASK_CHANNELS, out_channels: int = 1, ngf: int = 32,
                  n_blocks: int = 4, n_downsampling: int = 2, modulated: bool = True,
                  output_modalities: Sequence[str] | None = None, base_modality: str | None = None,
-                 norm: str = "brain", precision: str = "float32") -> None:
+                 norm: str = "brain", precision: str = "float32", mask_skip: bool = False) -> None:
         super().__init__()
         if norm not in NORMS:
             raise ValueError(f"norm must be one of {NORMS}, not {norm!r}")
@@ -169,6 +174,7 @@ class ResnetGenerator(nn.Module):
             "n_blocks": n_blocks, "n_downsampling": n_downsampling, "modulated": modulated,
             "output_modalities": list(output_modalities) if output_modalities is not None else None,
             "base_modality": base_modality, "norm": norm, "precision": _check_precision(precision),
+            "mask_skip": bool(mask_skip),
         }
         self.precision = precision
         masked = norm == "brain"
@@ -186,9 +192,13 @@ class ResnetGenerator(nn.Module):
             layers += [_conv(modulated, spatial_dims, channels, channels // 2, 3, stride=2, padding=1, transposed=True),
                        BrainInstanceNorm(masked), nn.ReLU(inplace=True)]
             channels //= 2
-        layers += [_conv(modulated, spatial_dims, channels, out_channels, 7, padding=3, padding_mode="reflect"),
-                   nn.Tanh()]
+        head = _conv(modulated, spatial_dims, channels + (in_channels if mask_skip else 0), out_channels, 7, padding=3,
+                     padding_mode="reflect")
+        if not mask_skip:
+            layers += [head, nn.Tanh()]
         self.model = _BrainSequential(layers)  # keys as the nn.Sequential of earlier versions
+        self.mask_skip = bool(mask_skip)
+        self.head = head if mask_skip else nn.Identity()
         self._bank = ModalityBank(self) if modulated else None
 
     @property
@@ -201,12 +211,18 @@ class ResnetGenerator(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.precision != "float32" and not torch.jit.is_scripting():
             return self._forward_autocast(x)
-        return self.model(x, x[:, -1:])  # the last input channel is the brain mask
+        return self._run(x)
+
+    def _run(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.model(x, x[:, -1:])  # the last input channel is the brain mask
+        if self.mask_skip:
+            out = torch.tanh(self.head(torch.cat([out, x.to(out.dtype)], dim=1)))
+        return out
 
     @torch.jit.unused
     def _forward_autocast(self, x: torch.Tensor) -> torch.Tensor:
         with _autocast(x, self.precision):
-            return self.model(x, x[:, -1:]).float()
+            return self._run(x).float()
 
     def generate(self, mask: torch.Tensor, modalities: Sequence[str]) -> dict[str, torch.Tensor]:
         """Synthesise ``modalities`` from mask channels: ``{modality: (N, 1, *spatial)}``.
@@ -257,7 +273,8 @@ def build_generator(model: dict[str, Any], spatial_dims: int = 2, output_modalit
     return ResnetGenerator(spatial_dims=spatial_dims, out_channels=len(output_modalities) if multi else 1,
                            ngf=model["ngf"], n_blocks=model["n_blocks"], n_downsampling=model["n_downsampling"],
                            modulated=not multi, output_modalities=output_modalities, base_modality=base_modality,
-                           norm=model["norm"], precision=model.get("precision", "float32"))
+                           norm=model["norm"], precision=model.get("precision", "float32"),
+                           mask_skip=model.get("mask_skip", False))
 
 
 class ConditionalDiscriminator(nn.Module):

@@ -23,11 +23,11 @@ from modalitybank.networks import ResnetGenerator
 __all__ = ["load_generator", "made_modalities", "read_info", "save_generator"]
 
 _ARCH_KEYS = ("spatial_dims", "in_channels", "out_channels", "ngf", "n_blocks", "n_downsampling", "modulated",
-              "output_modalities", "base_modality", "norm", "precision")
+              "output_modalities", "base_modality", "norm", "precision", "mask_skip")
 
 #: The settings a generator saved without them was trained with (norm came in generator bundle 0.3.0,
-#: precision in 0.4.0).
-_LEGACY_ARCH = {"norm": "instance", "precision": "float32"}
+#: precision and mask_skip in 0.4.0).
+_LEGACY_ARCH = {"norm": "instance", "precision": "float32", "mask_skip": False}
 
 
 def save_generator(generator: ResnetGenerator, folder: str | Path, meta: dict[str, Any] | None = None,
