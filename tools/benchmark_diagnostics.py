@@ -3,6 +3,7 @@
 usage:
   python tools/benchmark_diagnostics.py contrast WORKDIR SYNTH_STAGE
   python tools/benchmark_diagnostics.py separation WORKDIR SYNTH_STAGE
+  python tools/benchmark_diagnostics.py edges WORKDIR SYNTH_STAGE
   python tools/benchmark_diagnostics.py false-positives WORKDIR SEG_STAGE CASE
   python tools/benchmark_diagnostics.py components WORKDIR SEG_STAGE
   python tools/benchmark_diagnostics.py labels FOLDER
@@ -18,6 +19,10 @@ the same figures as the real images.
 
 ``separation``: for the same cases, the bright tail of the healthy brain, the dark tail of the tumour
 and the healthy brain's fine texture, synthetic against real (see :func:`separation`).
+
+``edges``: for the same cases, the mean z in rings of one voxel around the tumour's edge (in the axial
+plane): two inside it and two outside, synthetic against real. A real edge is a step; a generator that
+draws it as a ramp teaches a segmentation network to put the edge inside the bright region.
 
 ``false-positives``: a segmentation row's (``seg/<name>``) prediction on one held-out test case
 through the bundle's evaluation preprocessing and inferer: true/false positives (and how many of them
@@ -113,6 +118,27 @@ def separation(workdir: Path, stage: str) -> dict[str, dict[str, dict[str, list[
     return _mean_by_key(values)
 
 
+#: The rings of :func:`edges`, from the tumour's inside out.
+RINGS = ("inside_2", "inside_1", "outside_1", "outside_2")
+
+
+def edges(workdir: Path, stage: str) -> dict[str, dict[str, dict[str, list[float]]]]:
+    """``{centre: {modality: {ring: [synthetic, real]}}}``: mean z in the rings :data:`RINGS` of one voxel
+    (4-connected in the axial plane) inside and outside the tumour's edge."""
+    plane = np.zeros((3, 3, 3), dtype=bool)
+    plane[:, :, 1] = ndi.generate_binary_structure(2, 1)
+    values: dict[tuple[str, str, str], list[tuple[float, float]]] = {}
+    for centre, modality, zs, zr, seg, brain in _pairs(workdir, stage):
+        tumour = seg > 0
+        shrunk = [tumour, ndi.binary_erosion(tumour, plane), ndi.binary_erosion(tumour, plane, iterations=2)]
+        grown = [tumour, ndi.binary_dilation(tumour, plane), ndi.binary_dilation(tumour, plane, iterations=2)]
+        rings = (shrunk[1] & ~shrunk[2], tumour & ~shrunk[1], grown[1] & ~tumour & brain, grown[2] & ~grown[1] & brain)
+        for name, ring in zip(RINGS, rings, strict=True):
+            if ring.sum() >= 20:
+                values.setdefault((centre, modality, name), []).append((zs[ring].mean(), zr[ring].mean()))
+    return _mean_by_key(values)
+
+
 def _modalities(workdir: Path, stage: str) -> list[str]:
     """The modalities of the table a workdir's stage belongs to (from its ``settings.json``)."""
     experiments = json.loads((workdir / "settings.json").read_text())["experiments"]
@@ -179,8 +205,10 @@ def false_positives(workdir: Path, stage: str, case_id: str) -> dict[str, object
              "tumour": round(float(image[i][tumour].mean()), 2),
              "healthy": round(float(image[i][brain & ~tumour].mean()), 2)} for i, m in enumerate(_modalities(workdir, stage))}
     near = ndi.distance_transform_edt(~tumour) <= 2  # the tumour's rim: a boundary drawn too wide
+    edge = ndi.distance_transform_edt(tumour) <= 1  # the tumour's outermost voxels: a boundary drawn too tight
     return {"case": case_id, "tumour": int(tumour.sum()), "tp": int((pred & tumour).sum()), "fp": int(fp.sum()),
-            "fp_within_2_voxels": int((fp & near).sum()), "fn": int(fn.sum()), "by_brain_area": bins, "z": z}
+            "fp_within_2_voxels": int((fp & near).sum()), "fn": int(fn.sum()),
+            "fn_at_the_edge": int((fn & edge).sum()), "by_brain_area": bins, "z": z}
 
 
 def labels(root: Path) -> dict[str, dict[str, int]]:
@@ -211,20 +239,24 @@ def main() -> None:
     k = sub.add_parser("components")
     k.add_argument("workdir", type=Path)
     k.add_argument("stage", help="a segmentation stage, e.g. seg/synthetic_multimodal_bank-lgg-seed0")
+    e = sub.add_parser("edges")
+    e.add_argument("workdir", type=Path)
+    e.add_argument("stage", help="a synthesis stage, e.g. synth/bank-multimodal-lgg-seed0")
     la = sub.add_parser("labels")
     la.add_argument("folder", type=Path)
     a = parser.parse_args()
     if a.what == "labels":
         print(json.dumps(labels(a.folder), indent=1))
-    elif a.what in ("contrast", "separation"):
-        result = (contrast if a.what == "contrast" else separation)(a.workdir, a.stage)
-        names = list(LABELS.values()) if a.what == "contrast" else ["healthy_p999", "tumour_p10", "healthy_texture"]
+    elif a.what in ("contrast", "separation", "edges"):
+        result = {"contrast": contrast, "separation": separation, "edges": edges}[a.what](a.workdir, a.stage)
+        names = {"contrast": list(LABELS.values()), "edges": list(RINGS),
+                 "separation": ["healthy_p999", "tumour_p10", "healthy_texture"]}[a.what]
         print(f"{'centre':6s} {'modality':8s} " + " ".join(f"{n:>17s}" for n in names))
         for centre, mods in result.items():
             for modality, by_name in mods.items():
                 cells = [f"{by_name[n][0]:+.2f} / {by_name[n][1]:+.2f}" if n in by_name else "-" for n in names]
                 print(f"{centre:6s} {modality:8s} " + " ".join(f"{x:>17s}" for x in cells))
-        print("(synthetic / real" + (": mean z inside the brain)" if a.what == "contrast" else ")"))
+        print("(synthetic / real" + (")" if a.what == "separation" else ": mean z inside the brain)"))
     elif a.what == "components":
         print(json.dumps(components(a.workdir, a.stage), indent=1))
     else:
