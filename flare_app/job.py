@@ -68,6 +68,12 @@ JOBS: dict[str, dict[str, Any]] = {
 #: 0.1 s 2.1-2.2 s (0.2 s: 2.1, 0.5 s: 2.2; README, Results). Each request of an idle site costs the server a
 #: message round trip.
 POLL_INTERVAL = 0.1
+#: Arrays and tensors travel inside the task and result messages (NVFlare's decomposers with a download
+#: chunk size of 0), not as references the receiver downloads from the sender in a second exchange. Ours are
+#: small (gradients, fakes, masks: a few MB per message at most; the FedAvg job's weights alike), and that
+#: second exchange failed in CI once, at random ("no ref found for <ref> from server.simulate_job" in
+#: nvflare 2.9's DownloadService, after which the server ends the job).
+INLINE_ARRAYS = {"np_download_chunk_size": 0, "tensor_download_chunk_size": 0}
 #: The site-discriminator bundle, carried as ``custom/<name>`` with ``with_code``.
 DISCRIMINATOR_BUNDLE = "site_discriminator"
 #: Package markers carried with the code (``bundle/__init__`` is left out: it imports every bundle's helpers).
@@ -93,11 +99,13 @@ def _unknown(args: dict[str, Any], *classes: type) -> list[str]:
     return sorted(k for k, v in args.items() if k not in known and v is not None)
 
 
-def poll_params(interval: float) -> tuple[dict[str, Any], dict[str, Any]]:
-    """The server and the client parameters that set how often an idle site asks for work."""
+def system_params(interval: float) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The server's and the clients' system parameters: how often an idle site asks for work
+    (``interval``, see :data:`POLL_INTERVAL`) and :data:`INLINE_ARRAYS`."""
     if not interval > 0:
         raise ValueError(f"poll_interval must be > 0 seconds, not {interval!r}")
-    return {"server": {"task_request_interval": interval}}, {"default_task_fetch_interval": interval}
+    return ({"server": {"task_request_interval": interval}, **INLINE_ARRAYS},
+            {"default_task_fetch_interval": interval, **INLINE_ARRAYS})
 
 
 def gan_job(name: str, experiment: str, baseline: str = "", site_executor: type[SiteExecutor] = SiteExecutor,
@@ -114,7 +122,7 @@ def gan_job(name: str, experiment: str, baseline: str = "", site_executor: type[
     job = FedJob(name=name, min_clients=1)
     job.to_server(ModalityBankController(**_args_for(ModalityBankController, {
         "experiment": experiment, "baseline": baseline, **args})), id="modalitybank")
-    server_params, client_params = poll_params(poll_interval)
+    server_params, client_params = system_params(poll_interval)
     job.to_server(server_params)
     executor = site_executor(**_args_for(site_executor, {
         "experiment": experiment, "discriminator_bundle": DISCRIMINATOR_BUNDLE, **args}))
@@ -146,7 +154,7 @@ def fedavg_job(name: str, experiment: str, with_code: bool = False, num_rounds: 
                                    persistor_id=persistor, shareable_generator_id=generator,
                                    wait_time_after_min_received=0, train_timeout=0, task_check_period=0.05),
                   id="fedavg")
-    server_params, client_params = poll_params(poll_interval)
+    server_params, client_params = system_params(poll_interval)
     job.to_server(server_params)
     job.to_clients(FedAvgSegmentationExecutor(**_args_for(FedAvgSegmentationExecutor, {
         "experiment": experiment, "local_iterations": local_iterations, **args})), tasks=["train"])
