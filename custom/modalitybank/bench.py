@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from modalitybank import config
-from modalitybank.networks import MASK_CHANNELS, ResnetGenerator
+from modalitybank.networks import MASK_CHANNELS, ResnetGenerator, effective_precision
 
 __all__ = ["bench_fl", "bench_layers", "side_by_side"]
 
@@ -41,7 +41,8 @@ def bench_layers(scale: str = "small", steps: int = 5, rounds: int = 7, seed: in
     ``norm_train_ratio``: the mAdaFM training step with the preset's norm against the same step with
     whole-slice instance norm (the cost of taking the statistics inside the brain).
     ``precision_train_ratio``: the mAdaFM training step in the preset's precision against the same step
-    in float32 (1.0 for a float32 preset).
+    in float32 (1.0 where it runs float32: a float32 preset, or ``"auto"`` on a CPU without bfloat16
+    instructions; ``precision_effective`` says which).
     """
     p = config.preset(scale)
     model, size, batch = p["model"], p["slices"]["image_size"], p["train"]["batch_size"]
@@ -73,7 +74,7 @@ def bench_layers(scale: str = "small", steps: int = 5, rounds: int = 7, seed: in
 
     fns = {"madafm": train(madafm, opt_madafm), "plain": train(plain, opt_plain),
            "madafm_instance_norm": train(unmasked, opt_unmasked)}
-    if precision != "float32":
+    if effective_precision(precision, "cpu") != "float32":
         fns["madafm_float32"] = train(full, opt_full)
     train_times = side_by_side(fns, steps, rounds)
     folded = madafm.bank.fold("flair")
@@ -92,6 +93,7 @@ def bench_layers(scale: str = "small", steps: int = 5, rounds: int = 7, seed: in
         "norm": model["norm"],
         "norm_train_ratio": round(train_times["madafm"] / train_times["madafm_instance_norm"], 4),
         "precision": precision,
+        "precision_effective": effective_precision(precision, "cpu"),
         "precision_train_ratio": round(train_times["madafm"] / train_times.get("madafm_float32", train_times["madafm"]), 4),
         "train_seconds_madafm": round(train_times["madafm"], 5),
         "train_seconds_plain": round(train_times["plain"], 5),
