@@ -273,6 +273,12 @@ def test_a_workdir_refuses_stages_of_other_settings(tmp_path: Path) -> None:
     with pytest.raises(WorkdirSettingsError, match="gan_iterations: null -> 20"):
         check_settings(tmp_path, settings_of("tiny", None, None, 20))
     assert json.loads((tmp_path / SETTINGS_FILE).read_text()) == settings  # the record is untouched
+    with pytest.raises(WorkdirSettingsError, match="--adopt-workdir"):  # the message says how to keep stages
+        check_settings(tmp_path, changed)
+    check_settings(tmp_path, changed, adopt=True)  # the dependent stages removed, the new settings recorded
+    assert json.loads((tmp_path / SETTINGS_FILE).read_text()) == changed
+    assert json.loads((tmp_path / "settings.1.json").read_text()) == settings  # the old record kept
+    check_settings(tmp_path, changed)  # accepted from now on
 
     old = tmp_path / "old"
     (old / "seg" / "real-seed0").mkdir(parents=True)

@@ -444,7 +444,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "interrupted run resumes (default: runs/benchmark-<scale>); one workdir, one set of settings "
                    "(preset, budget, bundle versions, data), recorded in its settings.json")
     p.add_argument("--adopt-workdir", action="store_true", help="record this run's settings for a workdir made "
-                   "before settings were recorded (only if its stages were computed with exactly these)")
+                   "before settings were recorded, or after removing the stages that depend on a changed setting "
+                   "(only if every stage left was computed with these settings or does not depend on the change)")
     p.add_argument("--privacy", default="standard", choices=["standard", "adversarial", "dp"],
                    help="every site's privacy mode while the GANs learn: the synthetic rows show what it costs "
                    "downstream (files table<N>-<mode>...)")

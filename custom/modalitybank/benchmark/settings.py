@@ -7,6 +7,10 @@ with different settings must never end up in one table, so the first run writes
 new ``tumor_segmentation`` bundle version, another ``--data``) is refused with the keys that differ,
 and nothing in the workdir is touched. Rows, seeds and privacy modes are not settings: they have
 stages of their own and share a workdir freely.
+
+After a change of settings a user may keep the stages that do not depend on it (the real rows do not
+depend on the generator's preset): remove those that do, and ``--adopt-workdir`` records the new
+settings; the old record is kept beside it as ``settings.<n>.json``.
 """
 
 from __future__ import annotations
@@ -63,17 +67,24 @@ def check_settings(workdir: Path, settings: dict[str, Any], adopt: bool = False)
     """Record ``settings`` in a new ``workdir``, or check them against the recorded ones.
 
     Raises :class:`WorkdirSettingsError` if the recorded settings differ, or if the workdir holds
-    stages but no record (made before settings were recorded) unless ``adopt``, which records
-    ``settings`` for them: say so only when they were computed with exactly these settings.
+    stages but no record (made before settings were recorded), unless ``adopt``, which records
+    ``settings`` for them (a differing record moves to ``settings.<n>.json``): say so only when every
+    stage left in the workdir was computed with these settings or does not depend on what changed.
     """
     path = workdir / SETTINGS_FILE
     if path.is_file():
         recorded = json.loads(path.read_text())
         diff = _differences(recorded, settings)
-        if diff:
+        if diff and not adopt:
             raise WorkdirSettingsError(
                 f"{workdir} holds stages computed with other settings than this run's (recorded -> now: "
-                + "; ".join(diff) + f"; see {path}). Use a new --workdir, or remove the stages that depend on them.")
+                + "; ".join(diff) + f"; see {path}). Use a new --workdir, or remove the stages that depend on them "
+                "and rerun with --adopt-workdir, which records this run's settings (the old record is kept).")
+        if diff:
+            kept = next(workdir / f"settings.{n}.json" for n in range(1, 10_000)
+                        if not (workdir / f"settings.{n}.json").exists())
+            path.replace(kept)
+            atomic_write_json(settings, path)
         return
     stages = [p.parent.relative_to(workdir) for p in workdir.glob("**/stage.json")]
     if stages and not adopt:
