@@ -16,6 +16,7 @@ settings; the old record is kept beside it as ``settings.<n>.json``.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 from pathlib import Path
 from typing import Any
@@ -81,8 +82,7 @@ def check_settings(workdir: Path, settings: dict[str, Any], adopt: bool = False)
                 + "; ".join(diff) + f"; see {path}). Use a new --workdir, or remove the stages that depend on them "
                 "and rerun with --adopt-workdir, which records this run's settings (the old record is kept).")
         if diff:
-            kept = next(workdir / f"settings.{n}.json" for n in range(1, 10_000)
-                        if not (workdir / f"settings.{n}.json").exists())
+            kept = next(p for n in itertools.count(1) if not (p := workdir / f"settings.{n}.json").exists())
             path.replace(kept)
             atomic_write_json(settings, path)
         return
