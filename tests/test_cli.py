@@ -60,6 +60,9 @@ def test_pretrain_then_synthesize_via_cli(phantom_root, cache_dir, tmp_path) -> 
     pre = last_json(run("pretrain", "--data", str(phantom_root), "--run-dir", str(tmp_path / "pre"),
                         "--iterations", "3", "--cache-dir", str(cache_dir), "--quiet", "--json"))
     assert pre["iterations"] == 3
+    base = last_json(run("synthesize", "--generator", str(tmp_path / "pre"), "--data", str(phantom_root),
+                         "--out", str(tmp_path / "syn_base"), "--modalities", "t1c", "--quiet", "--json"))
+    assert base["synthetic"] == base["cases"] > 0  # the base makes its own modality (T1c) without a bank entry
     bank = last_json(run("train-local", "--data", str(phantom_root), "--pretrained", str(tmp_path / "pre"),
                          "--run-dir", str(tmp_path / "bank"), "--iterations", "2", "--cache-dir", str(cache_dir),
                          "--quiet", "--json"))

@@ -173,6 +173,71 @@ def test_mask_skip_head_sees_the_input_mask_at_full_resolution(tmp_path: Path) -
     assert torch.allclose(torch.jit.script(g.bank.fold("flair"))(x), g(x), atol=1e-5)
 
 
+def _entry_moves_edema(mask_skip_kernel: int) -> torch.Tensor:
+    """How the output changes when the FLAIR entry raises the edema channel's constant ``B`` in the layer that
+    takes the mask skip (``(H, W)``), for a 10×10 edema square at rows and columns 20–29."""
+    torch.manual_seed(0)
+    g = ResnetGenerator(ngf=8, n_blocks=1, n_downsampling=3, mask_skip=True, mask_skip_kernel=mask_skip_kernel,
+                        base_modality="t1c")
+    g.bank.add("flair")
+    g.bank.freeze_base()
+    g.bank.use("flair")
+    label = torch.zeros(1, 64, 64, dtype=torch.long)
+    label[:, 20:30, 20:30] = 2
+    brain = torch.zeros(1, 64, 64)
+    brain[:, 4:-4, 4:-4] = 1
+    x = mask_channels(label, brain)
+    layer, edema = (g.head, 8 + 2) if mask_skip_kernel == 7 else (g.skip, 2)
+    with torch.no_grad():
+        before = torch.atanh(g(x).clamp(-0.999, 0.999))
+        layer.entries["flair"].beta[0, edema] += 0.01
+        after = torch.atanh(g(x).clamp(-0.999, 0.999))
+    return (after - before)[0, 0]
+
+
+def test_a_1x1_mask_skip_lets_a_bank_entry_draw_a_label_with_a_sharp_edge() -> None:
+    """An entry's ``B`` is a constant over its kernel: in the 7×7 head (0.4.x) it adds a 7×7 box filter of the
+    label, a ramp 3 pixels beyond its edge; on the 1×1 skip the change is the label's own pixels, evenly."""
+    head = _entry_moves_edema(7)
+    assert head[20:30, 20:30].abs().min() > 0 and head[17:20, 20:30].abs().min() > 0  # spills outside
+    assert head[25, 25] > 3 * head[25, 18] > 0  # and ramps: 49 edema pixels in the window, against 14
+    skip = _entry_moves_edema(1)
+    inside = skip[20:30, 20:30]
+    assert torch.allclose(inside, torch.full_like(inside, 0.01), atol=1e-4)
+    outside = skip.clone()
+    outside[20:30, 20:30] = 0
+    assert outside.abs().max() < 1e-5
+
+
+def test_a_1x1_mask_skip_is_stored_folded_and_scripted(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    g = ResnetGenerator(ngf=8, n_blocks=1, n_downsampling=3, mask_skip=True, mask_skip_kernel=1, base_modality="t1c")
+    assert g.skip.weight.shape == (1, 5, 1, 1) and g.head.weight.shape[1] == 8
+    g.bank.add("flair")
+    g.bank.freeze_base()
+    assert "skip" in g.bank.layers
+    with torch.no_grad():
+        g.skip.entries["flair"].beta.add_(0.3)
+    save_generator(g, tmp_path / "g")
+    loaded = load_generator(tmp_path / "g")
+    assert read_info(tmp_path / "g")["architecture"]["mask_skip_kernel"] == 1
+    x = _mask(2)
+    g.bank.use("flair")
+    loaded.bank.use("flair")
+    assert torch.equal(loaded(x), g(x))
+    assert torch.allclose(torch.jit.script(g.bank.fold("flair"))(x), g(x), atol=1e-5)
+
+
+def test_a_store_without_mask_skip_kernel_loads_the_0_4_layout(tmp_path: Path) -> None:
+    g = ResnetGenerator(ngf=8, n_blocks=1, n_downsampling=3, mask_skip=True, base_modality="t1c")
+    save_generator(g, tmp_path / "g")
+    info = json.loads((tmp_path / "g" / "generator.json").read_text())
+    del info["architecture"]["mask_skip_kernel"]
+    (tmp_path / "g" / "generator.json").write_text(json.dumps(info))
+    loaded = load_generator(tmp_path / "g")
+    assert loaded.skip_in_head and torch.equal(loaded(_mask(1)), g(_mask(1)))
+
+
 def test_a_store_without_mask_skip_loads_without_it(tmp_path: Path) -> None:
     g = ResnetGenerator(ngf=8, n_blocks=1, base_modality="t1c")
     save_generator(g, tmp_path / "g")

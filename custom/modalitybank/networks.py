@@ -114,6 +114,13 @@ def _conv(modulated: bool, spatial_dims: int, cin: int, cout: int, kernel: int, 
     return Conv[Conv.CONV, spatial_dims](cin, cout, kernel, stride=stride, padding=padding, padding_mode=padding_mode)
 
 
+def _conv_no_bias(modulated: bool, spatial_dims: int, cin: int, cout: int, kernel: int) -> nn.Module:
+    """A stride-1, same-size convolution without bias (reflect padding): the mask skip."""
+    if modulated:
+        return MAdaFMConv(spatial_dims, cin, cout, kernel, padding=kernel // 2, bias=False, padding_mode="reflect")
+    return Conv[Conv.CONV, spatial_dims](cin, cout, kernel, padding=kernel // 2, bias=False, padding_mode="reflect")
+
+
 class _BrainSequential(nn.ModuleList):
     """Layers run in sequence; those with a ``takes_brain`` attribute (the norms, the residual blocks)
     also get the brain mask. A ``ModuleList``, so parameter names are those of an ``nn.Sequential``."""
@@ -171,11 +178,19 @@ class ResnetGenerator(nn.Module):
         precision: ``"float32"``, ``"bfloat16"`` (the convolutions run in bfloat16 under autocast;
             parameters and the output stay float32) or ``"auto"`` (bfloat16 where the device has it in
             hardware, else float32): :data:`PRECISIONS`. TorchScript runs float32.
-        mask_skip: the 7×7 head sees the input mask channels beside the decoder's features, so the
+        mask_skip: the input mask channels reach the output directly (how: ``mask_skip_kernel``), so the
             label map's edges reach the output at full resolution instead of through the bottleneck
             (without it a tumour's edge is drawn as a ramp several pixels wide, and a segmentation
             network trained on such images draws real edges too tight). The head is then ``head``, not
             the last layers of ``model``.
+        mask_skip_kernel: the kernel of the mask skip's convolution. ``7`` (generators 0.4.x): the mask
+            channels join the decoder's features in the 7×7 head. Any other size: a separate convolution
+            ``skip`` of the mask channels, without bias, added to the head's output before ``tanh``.
+            Why ``1``: an mAdaFM entry rescales a frozen kernel's normalised pattern and adds a constant over
+            the kernel (``B``), so on a 7×7 kernel the one thing an entry can add to a label's contribution
+            is a 7×7 box filter — a ramp 7 pixels wide at every edge of a label the pre-training modality
+            hardly showed (edema in T1c). On a 1×1 kernel ``B`` is the whole weight: each entry gives each
+            label its own intensity offset, with the label's edge as sharp as the mask's.
 
     Shapes: ``(N, in_channels, *spatial)`` → ``(N, out_channels, *spatial)`` in [-1, 1].
 
@@ -192,7 +207,8 @@ class ResnetGenerator(nn.Module):
     def __init__(self, spatial_dims: int = 2, in_channels: int = MASK_CHANNELS, out_channels: int = 1, ngf: int = 32,
                  n_blocks: int = 4, n_downsampling: int = 2, modulated: bool = True,
                  output_modalities: Sequence[str] | None = None, base_modality: str | None = None,
-                 norm: str = "brain", precision: str = "float32", mask_skip: bool = False) -> None:
+                 norm: str = "brain", precision: str = "float32", mask_skip: bool = False,
+                 mask_skip_kernel: int = 7) -> None:
         super().__init__()
         if norm not in NORMS:
             raise ValueError(f"norm must be one of {NORMS}, not {norm!r}")
@@ -203,7 +219,7 @@ class ResnetGenerator(nn.Module):
             "n_blocks": n_blocks, "n_downsampling": n_downsampling, "modulated": modulated,
             "output_modalities": list(output_modalities) if output_modalities is not None else None,
             "base_modality": base_modality, "norm": norm, "precision": _check_precision(precision),
-            "mask_skip": bool(mask_skip),
+            "mask_skip": bool(mask_skip), "mask_skip_kernel": int(mask_skip_kernel),
         }
         self.precision = precision
         masked = norm == "brain"
@@ -221,13 +237,17 @@ class ResnetGenerator(nn.Module):
             layers += [_conv(modulated, spatial_dims, channels, channels // 2, 3, stride=2, padding=1, transposed=True),
                        BrainInstanceNorm(masked), nn.ReLU(inplace=True)]
             channels //= 2
-        head = _conv(modulated, spatial_dims, channels + (in_channels if mask_skip else 0), out_channels, 7, padding=3,
+        in_head = mask_skip and mask_skip_kernel == 7  # the 0.4.x layout
+        head = _conv(modulated, spatial_dims, channels + (in_channels if in_head else 0), out_channels, 7, padding=3,
                      padding_mode="reflect")
         if not mask_skip:
             layers += [head, nn.Tanh()]
         self.model = _BrainSequential(layers)  # keys as the nn.Sequential of earlier versions
         self.mask_skip = bool(mask_skip)
+        self.skip_in_head = bool(in_head)
         self.head = head if mask_skip else nn.Identity()
+        self.skip = _conv_no_bias(modulated, spatial_dims, in_channels, out_channels, mask_skip_kernel) \
+            if mask_skip and not in_head else nn.Identity()
         self._bank = ModalityBank(self) if modulated else None
 
     @property
@@ -244,8 +264,10 @@ class ResnetGenerator(nn.Module):
 
     def _run(self, x: torch.Tensor) -> torch.Tensor:
         out = self.model(x, x[:, -1:])  # the last input channel is the brain mask
-        if self.mask_skip:
+        if self.skip_in_head:
             out = torch.tanh(self.head(torch.cat([out, x.to(out.dtype)], dim=1)))
+        elif self.mask_skip:
+            out = torch.tanh(self.head(out) + self.skip(x.to(out.dtype)))
         return out
 
     @torch.jit.unused
@@ -303,7 +325,7 @@ def build_generator(model: dict[str, Any], spatial_dims: int = 2, output_modalit
                            ngf=model["ngf"], n_blocks=model["n_blocks"], n_downsampling=model["n_downsampling"],
                            modulated=not multi, output_modalities=output_modalities, base_modality=base_modality,
                            norm=model["norm"], precision=model.get("precision", "float32"),
-                           mask_skip=model.get("mask_skip", False))
+                           mask_skip=model.get("mask_skip", False), mask_skip_kernel=model.get("mask_skip_kernel", 7))
 
 
 class ConditionalDiscriminator(nn.Module):

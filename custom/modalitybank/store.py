@@ -23,11 +23,12 @@ from modalitybank.networks import ResnetGenerator
 __all__ = ["load_generator", "made_modalities", "read_info", "save_generator"]
 
 _ARCH_KEYS = ("spatial_dims", "in_channels", "out_channels", "ngf", "n_blocks", "n_downsampling", "modulated",
-              "output_modalities", "base_modality", "norm", "precision", "mask_skip")
+              "output_modalities", "base_modality", "norm", "precision", "mask_skip",
+              "mask_skip_kernel")
 
 #: The settings a generator saved without them was trained with (norm came in generator bundle 0.3.0,
-#: precision and mask_skip in 0.4.0).
-_LEGACY_ARCH = {"norm": "instance", "precision": "float32", "mask_skip": False}
+#: precision and mask_skip in 0.4.0, mask_skip_kernel in 0.5.0).
+_LEGACY_ARCH = {"norm": "instance", "precision": "float32", "mask_skip": False, "mask_skip_kernel": 7}
 
 
 def save_generator(generator: ResnetGenerator, folder: str | Path, meta: dict[str, Any] | None = None,
@@ -75,7 +76,8 @@ def made_modalities(folder: str | Path, with_base: bool = False) -> list[str]:
 
 
 def load_generator(folder: str | Path, modalities: Sequence[str] | None = None) -> ResnetGenerator:
-    """Build the generator saved in ``folder`` with its base and bank entries (default: all saved)."""
+    """Build the generator saved in ``folder`` with its base and bank entries (default: all saved; the base's
+    own modality, when named, needs no entry)."""
     folder = Path(folder)
     info = read_info(folder)
     generator = ResnetGenerator(**{k: info["architecture"].get(k) for k in _ARCH_KEYS})
@@ -87,6 +89,8 @@ def load_generator(folder: str | Path, modalities: Sequence[str] | None = None) 
     names = _saved_entries(folder) if modalities is None else list(modalities)
     for name in names:
         path = folder / "entries" / f"{name}.pt"
+        if not path.is_file() and name == generator.config["base_modality"]:
+            continue  # the base makes its own modality without an entry
         if not path.is_file():
             raise FileNotFoundError(f"{folder}: no bank entry for {name!r} (have {_saved_entries(folder)})")
         generator.bank.load_entry(path, name)
