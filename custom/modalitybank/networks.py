@@ -105,20 +105,15 @@ def mask_channels(label: torch.Tensor, brain: torch.Tensor) -> torch.Tensor:
 
 
 def _conv(modulated: bool, spatial_dims: int, cin: int, cout: int, kernel: int, stride: int = 1,
-          padding: int = 0, transposed: bool = False, padding_mode: str = "zeros") -> nn.Module:
+          padding: int = 0, transposed: bool = False, padding_mode: str = "zeros", bias: bool = True) -> nn.Module:
     if modulated:
         return MAdaFMConv(spatial_dims, cin, cout, kernel, stride=stride, padding=padding, transposed=transposed,
-                          output_padding=1 if transposed else 0, padding_mode=padding_mode)
+                          output_padding=1 if transposed else 0, padding_mode=padding_mode, bias=bias)
     if transposed:
-        return Conv[Conv.CONVTRANS, spatial_dims](cin, cout, kernel, stride=stride, padding=padding, output_padding=1)
-    return Conv[Conv.CONV, spatial_dims](cin, cout, kernel, stride=stride, padding=padding, padding_mode=padding_mode)
-
-
-def _conv_no_bias(modulated: bool, spatial_dims: int, cin: int, cout: int, kernel: int) -> nn.Module:
-    """A stride-1, same-size convolution without bias (reflect padding): the mask skip."""
-    if modulated:
-        return MAdaFMConv(spatial_dims, cin, cout, kernel, padding=kernel // 2, bias=False, padding_mode="reflect")
-    return Conv[Conv.CONV, spatial_dims](cin, cout, kernel, padding=kernel // 2, bias=False, padding_mode="reflect")
+        return Conv[Conv.CONVTRANS, spatial_dims](cin, cout, kernel, stride=stride, padding=padding, output_padding=1,
+                                                  bias=bias)
+    return Conv[Conv.CONV, spatial_dims](cin, cout, kernel, stride=stride, padding=padding, padding_mode=padding_mode,
+                                         bias=bias)
 
 
 class _BrainSequential(nn.ModuleList):
@@ -246,7 +241,8 @@ class ResnetGenerator(nn.Module):
         self.mask_skip = bool(mask_skip)
         self.skip_in_head = bool(in_head)
         self.head = head if mask_skip else nn.Identity()
-        self.skip = _conv_no_bias(modulated, spatial_dims, in_channels, out_channels, mask_skip_kernel) \
+        self.skip = _conv(modulated, spatial_dims, in_channels, out_channels, mask_skip_kernel,
+                          padding=mask_skip_kernel // 2, padding_mode="reflect", bias=False) \
             if mask_skip and not in_head else nn.Identity()
         self._bank = ModalityBank(self) if modulated else None
 
