@@ -52,7 +52,47 @@ def test_site_gradient_equals_end_to_end_backprop() -> None:
     direct = torch.autograd.grad(direct_loss, params)
     for a, b in zip(split, direct, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
-    assert set(losses) == {"d", "g_adv", "g_l1", "g"} and all(map(lambda v: v == v, losses.values()))
+    assert set(losses) == {"d", "g_adv", "g_l1", "g_fm", "g"} and losses["g_fm"] == 0 and all(map(lambda v: v == v, losses.values()))
+
+
+def _fm_step(loss: GanLoss, returned: GanLoss | None = None) -> tuple[torch.Tensor, dict[str, float],
+                                                                   ConditionalDiscriminator, torch.Tensor, torch.Tensor,
+                                                                   torch.Tensor]:
+    """One site step of a fixed discriminator (lr 0, so its update leaves it as it was)."""
+    torch.manual_seed(0)
+    mask, real = _batch(n=3)
+    d = ConditionalDiscriminator(channels=8, num_layers=2)
+    fake = torch.tanh(real + 0.3 * torch.randn_like(real))
+    grad, losses = site_step(d, torch.optim.SGD(d.parameters(), lr=0.0), mask, real, fake, loss, returned)
+    return grad, losses, d, mask, real, fake
+
+
+def test_feature_matching_adds_the_gradient_of_the_discriminators_layer_distances() -> None:
+    """lambda_fm > 0 adds λ_fm · d/dfake of the mean over D's intermediate layers of L1(D_k(fake), D_k(real)),
+    recomputed here from the layers of MONAI's PatchDiscriminator; lambda_fm 0 adds nothing."""
+    base, losses0, *_ = _fm_step(GanLoss())
+    grad, losses, d, mask, real, fake = _fm_step(GanLoss(lambda_fm=10.0))
+    leaf = fake.clone().requires_grad_(True)
+    layers_fake = d.net(torch.cat([mask, leaf], dim=1))[:-1]
+    layers_real = d.net(torch.cat([mask, real], dim=1))[:-1]
+    assert len(layers_fake) >= 2
+    fm = sum((f - r.detach()).abs().mean() for f, r in zip(layers_fake, layers_real, strict=True)) / len(layers_fake)
+    (expected,) = torch.autograd.grad(10.0 * fm, leaf)
+    assert expected.abs().max() > 1e-3 * base.abs().max()  # the term is not negligible at this weight
+    torch.testing.assert_close(grad - base, expected, rtol=1e-4, atol=1e-7)
+    assert losses0["g_fm"] == 0 and abs(losses["g_fm"] - fm.item()) < 1e-5
+    assert abs(losses["g"] - (losses["g_adv"] + 100 * losses["g_l1"] + 10 * losses["g_fm"])) < 1e-4
+
+
+def test_adversarial_only_returns_neither_l1_nor_feature_matching() -> None:
+    """A site in privacy mode adversarial returns the adversarial loss's gradient alone, whatever its
+    training loss holds; the losses it reports still include the terms it trained with."""
+    loss = GanLoss(lambda_l1=100.0, lambda_fm=10.0, l1_balance=0.5)
+    assert loss.adversarial_only() == GanLoss(lambda_l1=0.0, lambda_fm=0.0, l1_balance=0.5)
+    sent, losses, *_ = _fm_step(loss, loss.adversarial_only())
+    adversarial, _, *_ = _fm_step(GanLoss(lambda_l1=0.0))
+    torch.testing.assert_close(sent, adversarial)
+    assert losses["g_fm"] > 0 and losses["g_l1"] > 0
 
 
 def test_site_step_updates_discriminator() -> None:

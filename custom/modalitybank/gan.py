@@ -4,8 +4,9 @@ One iteration of ModalityBank, split where the network splits it:
 
 * **site** (:func:`site_step`, runs inside a hospital): update the discriminator on
   (mask, real) against (mask, fake); then compute the generator's loss for the fakes —
-  adversarial + λ·L1 against the real image — and return only its gradient with respect to
-  the fakes, plus scalar losses.
+  adversarial + λ·L1 against the real image (+ optionally λ_fm·feature matching against the real
+  image's discriminator features) — and return only its gradient with respect to the fakes, plus
+  scalar losses.
 * **server** (:func:`generator_step`): backpropagate the returned gradients through the
   generator into the parameters being learned (the bank entries), one optimiser step.
 
@@ -17,7 +18,7 @@ the controller :func:`generator_step` on the server, so all training shares this
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
@@ -37,6 +38,20 @@ class GanLoss:
     #: brain, healthy brain, necrosis, edema, enhancing) weighs the same in total, so a thin enhancing rim
     #: counts as much as the healthy brain; between: a mix. The weights come from the mask the server sent.
     l1_balance: float = 0.0
+    #: 0 (the paper): no feature matching. > 0: pix2pixHD's feature-matching term, ``lambda_fm`` times the
+    #: mean over the discriminator's intermediate layers of ``L1(D_k(mask, fake), D_k(mask, real))``: a pull
+    #: towards the real image's local statistics (texture) rather than its pixels. Computed inside the site
+    #: with its own discriminator; like the L1 term it is a target made from the real image.
+    lambda_fm: float = 0.0
+
+    @property
+    def needs_features(self) -> bool:
+        return self.lambda_fm > 0
+
+    def adversarial_only(self) -> GanLoss:
+        """These weights without the terms that pull towards the real image (L1, feature matching): what a
+        site in privacy mode ``adversarial`` returns the gradient of."""
+        return replace(self, lambda_l1=0.0, lambda_fm=0.0)
 
     def adversarial(self) -> PatchAdversarialLoss:
         return PatchAdversarialLoss(criterion=self.criterion)
@@ -46,6 +61,12 @@ class GanLoss:
         if self.l1_balance == 0:
             return F.l1_loss(fake, real)
         return (region_balance_weights(mask, self.l1_balance) * (fake - real).abs()).mean()
+
+    @staticmethod
+    def feature_matching(fake_features: Sequence[torch.Tensor], real_features: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Mean over the intermediate layers (all but the logits) of ``L1(fake feature, real feature)``."""
+        pairs = list(zip(fake_features[:-1], real_features[:-1], strict=True))
+        return torch.stack([F.l1_loss(f, r.detach()) for f, r in pairs]).mean()
 
 
 def region_balance_weights(mask: torch.Tensor, balance: float) -> torch.Tensor:
@@ -88,20 +109,21 @@ def site_step(discriminator: nn.Module, optimizer: torch.optim.Optimizer, mask: 
     """What a site does with one modality's fakes.
 
     Args:
-        discriminator: ``D(mask, image) -> patch logits``; updated in place.
+        discriminator: ``D(mask, image) -> patch logits``; updated in place. With feature matching
+            (``lambda_fm`` > 0) also ``D.features(mask, image) -> [layer outputs..., logits]``.
         optimizer: the discriminator's optimiser.
         mask: ``(N, 5, *S)`` mask channels the fakes were made from.
         real: ``(N, 1, *S)`` the site's real images of that modality (never leave the site).
         fake: ``(N, 1, *S)`` synthetic images from the server (any autograd history is cut).
         loss: loss weights (the discriminator's update and the reported losses).
         returned: loss weights of the gradient returned, if other than ``loss``: a site in privacy mode
-            ``adversarial`` returns ``GanLoss(lambda_l1=0)``'s (no L1 term) while its discriminator
-            update stays the same.
+            ``adversarial`` returns :meth:`GanLoss.adversarial_only`'s (no L1 or feature-matching
+            term) while its discriminator update stays the same.
 
     Returns:
         ``grad``: ``dL_G/d fake`` of ``returned`` (or ``loss``), same shape as ``fake``, what the site
-        returns to the server; ``losses``: ``{"d": .., "g_adv": .., "g_l1": .., "g": ..}`` as floats
-        (``g`` of ``loss``).
+        returns to the server; ``losses``: ``{"d": .., "g_adv": .., "g_l1": .., "g_fm": .., "g": ..}`` as
+        floats (``g`` of ``loss``; ``g_fm`` 0 without feature matching).
     """
     adversarial = loss.adversarial()
     fake = fake.detach().to(real.dtype)
@@ -112,13 +134,22 @@ def site_step(discriminator: nn.Module, optimizer: torch.optim.Optimizer, mask: 
     loss_d.backward()
     optimizer.step()
 
+    returned = loss if returned is None else returned
     fake_leaf = fake.clone().requires_grad_(True)
-    loss_adv = adversarial(discriminator(mask, fake_leaf), target_is_real=True, for_discriminator=False)
+    if loss.needs_features or returned.needs_features:
+        fake_features = discriminator.features(mask, fake_leaf)
+        with torch.no_grad():
+            real_features = discriminator.features(mask, real)
+        logits, loss_fm = fake_features[-1], loss.feature_matching(fake_features, real_features)
+    else:
+        logits, loss_fm = discriminator(mask, fake_leaf), fake_leaf.new_zeros(())
+    loss_adv = adversarial(logits, target_is_real=True, for_discriminator=False)
     loss_l1 = loss.l1(fake_leaf, real, mask)
-    loss_g = loss_adv + loss.lambda_l1 * loss_l1
-    sent = loss_g if returned is None else loss_adv + returned.lambda_l1 * loss_l1
+    sent = loss_adv + returned.lambda_l1 * loss_l1 + returned.lambda_fm * loss_fm
     (grad,) = torch.autograd.grad(sent, fake_leaf)  # the discriminator's parameters get no gradient
-    losses = {"d": loss_d.item(), "g_adv": loss_adv.item(), "g_l1": loss_l1.item(), "g": loss_g.item()}
+    loss_g = loss_adv + loss.lambda_l1 * loss_l1 + loss.lambda_fm * loss_fm
+    losses = {"d": loss_d.item(), "g_adv": loss_adv.item(), "g_l1": loss_l1.item(), "g_fm": loss_fm.item(),
+              "g": loss_g.item()}
     return grad, losses
 
 

@@ -14,6 +14,7 @@ brain-mask channel (:func:`mask_channels`), so it knows where the brain is.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -356,6 +357,13 @@ class ConditionalDiscriminator(nn.Module):
     def _forward_autocast(self, mask: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
         with _autocast(image, self.precision):
             return self.net(torch.cat([mask, image], dim=1))[-1].float()
+
+    @torch.jit.unused
+    def features(self, mask: torch.Tensor, image: torch.Tensor) -> list[torch.Tensor]:
+        """Every layer's output, the patch logits last (float32): what feature matching compares
+        (:attr:`modalitybank.gan.GanLoss.lambda_fm`)."""
+        with _autocast(image, self.precision) if self.precision != "float32" else contextlib.nullcontext():
+            return [f.float() for f in self.net(torch.cat([mask, image], dim=1))]
 
 
 def build_discriminator(model: dict[str, Any], spatial_dims: int = 2) -> ConditionalDiscriminator:

@@ -43,7 +43,7 @@ from modalitybank import config
 from modalitybank.dp import PrivacySettings, SiteSanitizer, resolve_privacy
 from modalitybank.fl import wire
 from modalitybank.fl.privacy import LOSSES_ALLOWED, check_result
-from modalitybank.gan import GanLoss, generator_step, site_step
+from modalitybank.gan import generator_step, site_step
 from modalitybank.networks import mask_channels
 from modalitybank.training import BatchStream, TrainSettings, make_site_models
 
@@ -173,7 +173,7 @@ def _train(mode: str, privacy: PrivacySettings, data: dict[str, Any], pretrained
     g_opt = settings.adam(generator.bank.learn([modality]))
     site = make_site_models({CENTRE: [modality]}, config.preset(scale)["model"], settings)[CENTRE]
     loss = settings.gan_loss()
-    returned = GanLoss(lambda_l1=0.0) if mode == "adversarial" else None
+    returned = loss.adversarial_only() if mode == "adversarial" else None
     sanitizer = SiteSanitizer(privacy, rng=np.random.default_rng(seed)) if mode == "dp" else None
     stream = BatchStream(data["train"], settings.batch_size, seed)
     seen: dict[bytes, _Slice] = {}

@@ -45,6 +45,7 @@ class TrainSettings:
     checkpoint_every: int
     seed: int = 0
     l1_balance: float = 0.0
+    lambda_fm: float = 0.0
 
     @classmethod
     def from_preset(cls, scale: str, phase: str, **overrides: Any) -> TrainSettings:
@@ -52,15 +53,15 @@ class TrainSettings:
         t = config.preset(scale)["train"]
         settings = cls(iterations=t[f"{phase}_iterations"], batch_size=t["batch_size"], lr=t["lr"], beta1=t["beta1"],
                        lambda_l1=t["lambda_l1"], checkpoint_every=t["checkpoint_every"],
-                       l1_balance=t.get("l1_balance", 0.0))
+                       l1_balance=t.get("l1_balance", 0.0), lambda_fm=t.get("lambda_fm", 0.0))
         return replace(settings, **{k: v for k, v in overrides.items() if v is not None})
 
     def adam(self, params: Sequence[torch.nn.Parameter]) -> torch.optim.Adam:
         return torch.optim.Adam(params, lr=self.lr, betas=(self.beta1, 0.999))
 
     def gan_loss(self) -> GanLoss:
-        """The loss weights every GAN loop of these settings uses (``lambda_l1``, ``l1_balance``)."""
-        return GanLoss(lambda_l1=self.lambda_l1, l1_balance=self.l1_balance)
+        """The loss weights every GAN loop of these settings uses (``lambda_l1``, ``l1_balance``, ``lambda_fm``)."""
+        return GanLoss(lambda_l1=self.lambda_l1, l1_balance=self.l1_balance, lambda_fm=self.lambda_fm)
 
 
 def make_site_models(site_modalities: Mapping[str, Sequence[str]], model: Mapping[str, Any],

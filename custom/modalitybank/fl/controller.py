@@ -406,7 +406,7 @@ class ModalityBankController(Controller):
                     all_fakes.append(fake)
                     all_grads.append(grads[m])
                     losses = data[wire.LOSSES]
-                    report[f"{name}/{m}"] = {k: losses[f"{m}/{k}"] for k in ("d", "g_adv", "g_l1", "g")
+                    report[f"{name}/{m}"] = {k: losses[f"{m}/{k}"] for k in ("d", "g_adv", "g_l1", "g_fm", "g")
                                              if f"{m}/{k}" in losses}  # a site's privacy mode may hold some back
             site.masks = data[wire.NEXT_MASKS]
         if all_fakes:

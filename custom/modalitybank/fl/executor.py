@@ -131,9 +131,9 @@ class SiteExecutor(Executor):
         self.privacy: PrivacySettings = resolve_privacy(own.get("privacy"), self.privacy_mode,
                                                         min(self.settings.batch_size, len(self.dataset)),
                                                         len(self.modalities))
-        #: the loss whose gradient leaves the site (adversarial: no L1 term); the discriminator's update is the same
-        self.returned = GanLoss(lambda_l1=0.0, criterion=self.loss.criterion) if self.privacy.mode == "adversarial" \
-            else None
+        #: the loss whose gradient leaves the site (adversarial: no L1 or feature-matching term); the
+        #: discriminator's update is the same
+        self.returned = self.loss.adversarial_only() if self.privacy.mode == "adversarial" else None
         self.checkpoint = site_state_dir(self.site, own, workspace) / "modalitybank" / f"{self.experiment}-{self.scale}" / "discriminators.pt"
         if self.checkpoint.is_file():
             state = torch.load(self.checkpoint, map_location="cpu", weights_only=True)
