@@ -36,7 +36,8 @@ __all__ = ["LOSSES_ALLOWED", "PRIVACY_STATE_DIR", "PrivacyGuard", "TaskManifestR
            "error_reply", "ledger_for"]
 
 #: Which losses (``<modality>/<name>``) may leave in each privacy mode: none computed on real images in
-#: ``dp`` (they would not be accounted), no L1 loss (nor the total, which holds it) in ``adversarial``.
+#: ``dp`` (they would not be accounted), no L1 or feature-matching loss (nor the total, which holds them) in
+#: ``adversarial``.
 LOSSES_ALLOWED = {"standard": ("d", "g_adv", "g_l1", "g_fm", "g"), "adversarial": ("d", "g_adv"), "dp": ()}
 #: Where a site keeps the steps it released in mode ``dp`` (in its state folder, across jobs and restarts).
 PRIVACY_STATE_DIR = "modalitybank_privacy"
