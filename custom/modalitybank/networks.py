@@ -14,7 +14,6 @@ brain-mask channel (:func:`mask_channels`), so it knows where the brain is.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -362,7 +361,7 @@ class ConditionalDiscriminator(nn.Module):
     def features(self, mask: torch.Tensor, image: torch.Tensor) -> list[torch.Tensor]:
         """Every layer's output, the patch logits last (float32): what feature matching compares
         (:attr:`modalitybank.gan.GanLoss.lambda_fm`)."""
-        with _autocast(image, self.precision) if self.precision != "float32" else contextlib.nullcontext():
+        with _autocast(image, self.precision):
             return [f.float() for f in self.net(torch.cat([mask, image], dim=1))]
 
 
