@@ -46,6 +46,34 @@ def test_noise_from_budget_spends_it_in_the_planned_steps() -> None:
     assert sanitizer.epsilon(150) == pytest.approx(8, abs=1e-3) and sanitizer.epsilon(151) > 8
 
 
+def test_signal_to_noise_ceiling_holds_for_the_sanitiser_and_does_not_grow_with_steps() -> None:
+    # at fixed (ε, δ) the ceiling is the same for 150 or 1500 steps, 8 or 32 slices a batch
+    ceiling = dp.snr_ceiling(8, 1e-5, 150)
+    assert dp.snr_ceiling(8, 1e-5, 1500) == pytest.approx(ceiling, rel=1e-3)
+    assert dp.snr_ceiling(1, 1e-5, 150) < 0.2 < ceiling < 1.0
+    settings = dp.resolve_privacy({"mode": "dp", "epsilon": 8, "delta": 1e-5, "clip": 0.1, "steps": 20},
+                                  batch_size=4, modalities=2)
+    assert settings.snr_ceiling == pytest.approx(ceiling, rel=1e-3)
+    assert dp.resolve_privacy("standard").snr_ceiling is None
+    # the best case the ceiling bounds: every example's gradient is C along the same direction u; what the server
+    # accumulates along u over the planned steps, through the site's own sanitiser, is signal ± noise
+    rng = np.random.default_rng(0)
+    u = rng.normal(size=(1, 64))
+    u /= np.linalg.norm(u)
+    grad = np.repeat(u * 10.0, 4, axis=0).astype(np.float32)  # norm 10, clipped to C = 0.1
+    totals = []
+    for trial in range(200):
+        sanitizer = dp.SiteSanitizer(settings, rng=np.random.default_rng(trial))
+        total = 0.0
+        for _ in range(settings.steps):
+            out = sanitizer.sanitize({"fake/t1": grad, "fake/t2": grad})
+            total += sum(float((g.astype(np.float64) @ u[0]).sum()) for g in out.values())
+        totals.append(total)
+    signal = settings.steps * settings.modalities * settings.batch_size * settings.clip
+    assert abs(np.mean(totals) - signal) < 4 * np.std(totals) / np.sqrt(len(totals))  # unbiased: 4 standard errors
+    assert signal / np.std(totals) == pytest.approx(settings.snr_ceiling, rel=0.15)
+
+
 def test_site_setting_wins_and_a_job_cannot_choose_dp() -> None:
     assert dp.resolve_privacy(None, "adversarial").mode == "adversarial"
     assert dp.resolve_privacy({"mode": "standard"}, "adversarial").source == "site"

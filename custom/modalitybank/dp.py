@@ -43,7 +43,7 @@ import numpy as np
 
 __all__ = [
     "MODES", "PrivacyBudgetSpent", "PrivacySettings", "SiteSanitizer", "accountant", "clip_per_example",
-    "epsilon", "noise_multiplier_for", "resolve_privacy",
+    "epsilon", "noise_multiplier_for", "resolve_privacy", "snr_ceiling",
 ]
 
 #: The privacy modes a site may choose.
@@ -113,6 +113,26 @@ def noise_multiplier_for(target_epsilon: float, delta: float, sampling_rate: flo
         dp_accounting.LowerEndpointAndGuess(1e-3, 1.0), tol=1e-4))
 
 
+def snr_ceiling(target_epsilon: float, delta: float, steps: int) -> float:
+    """The most signal a whole ``dp`` run of ``steps`` releases at (ε, δ) can carry along any direction of the
+    generator's parameters, in standard deviations of the noise along it: ``√T / (2·z)``, ``z`` the accounted
+    noise multiplier (:func:`noise_multiplier_for`, sampling rate 1).
+
+    Why: the server's update is ``Σ_e J_eᵀ(g_e + n_e)`` over the ``N = T·M·B`` released examples, each
+    ``g_e`` clipped to ``C`` and each ``n_e`` Gaussian of std ``σ·C`` per coordinate, ``σ = 2·z·√(M·B)``
+    (:func:`resolve_privacy`). Along a unit direction ``u`` the signal is at most ``C·Σ‖J_e u‖`` and the
+    noise's std is ``σ·C·√(Σ‖J_e u‖²)``; by Cauchy–Schwarz their ratio is at most ``√N / σ = √T / (2z)``,
+    whatever the generator, ``M``, ``B`` or the images. The RDP of ``T`` composed Gaussians depends on
+    ``T / z²`` alone, so at fixed (ε, δ) ``z`` grows exactly like ``√T`` and the ceiling does not depend on
+    ``T`` (about ``ε / (2√(2 ln(1/δ)))``): more iterations or more slices buy no utility; only a smaller
+    sensitivity (a protocol in which one slice changes only its own examples, with a sampling rate below 1)
+    would.
+    """
+    if steps <= 0:
+        raise ValueError(f"steps must be positive, got {steps}")
+    return math.sqrt(steps) / (2.0 * noise_multiplier_for(target_epsilon, delta, 1.0, steps))
+
+
 def clip_per_example(grad: np.ndarray, clip: float) -> np.ndarray:
     """Scale each example (first axis) of ``grad`` to L2 norm at most ``clip``; smaller ones unchanged."""
     flat = grad.reshape(grad.shape[0], -1).astype(np.float64)
@@ -156,6 +176,14 @@ class PrivacySettings:
     def accounted_noise_multiplier(self) -> float:
         """Noise std over one step's L2 sensitivity ``2·C·√(M·B)``: ``σ / (2√(M·B))``."""
         return self.noise_multiplier / (2.0 * math.sqrt(self.modalities * self.batch_size))
+
+    @property
+    def snr_ceiling(self) -> float | None:
+        """:func:`snr_ceiling` of these settings over their planned ``steps``: ``√(T·M·B) / σ`` (``None``
+        outside ``dp`` or without planned steps)."""
+        if self.mode != "dp" or self.steps <= 0 or self.noise_multiplier <= 0:
+            return None
+        return math.sqrt(self.steps * self.modalities * self.batch_size) / self.noise_multiplier
 
     def describe(self) -> dict[str, Any]:
         """What the site tells the server (and its ledger) about its mode."""

@@ -322,6 +322,7 @@ def audit(scale: str = "tiny", out_dir: str | Path = "runs/privacy_audit", itera
                "best_attack": best, "psnr_fake": round(fake_psnr, 3),
                "attacks": {a: {"psnr": round(v["psnr"], 3), "param": v["param"]} for a, v in attacks.items()},
                "noise_multiplier": round(privacy.noise_multiplier, 3) if mode == "dp" else None,
+               "snr_ceiling": None if privacy.snr_ceiling is None else round(privacy.snr_ceiling, 4),
                "heldout": evaluate_generator(generator, data["test"], [modality])[modality],
                "observed_slices": len(slices), "seconds": round(time.perf_counter() - t, 1)}
         result["modes"][name] = row
@@ -370,7 +371,8 @@ def format_table(result: dict[str, Any]) -> str:
                  f"{ref['nn_heldout']:.3f} | {ref['heldout']['l1']:.3f} / {ref['heldout']['psnr']:.1f} / "
                  f"{ref['heldout']['ssim']:.2f} |")
     for name, r in result["modes"].items():
-        eps = "∞ (not private)" if r["epsilon"] is None else f"{r['epsilon']:.2f} (σ = {r['noise_multiplier']:.0f})"
+        eps = "∞ (not private)" if r["epsilon"] is None else (
+            f"{r['epsilon']:.2f} (σ = {r['noise_multiplier']:.0f}; signal/noise ≤ {r['snr_ceiling']:.2f})")
         h = r["heldout"]
         lines.append(f"| {name} | {eps} | {r['psnr']:.1f} dB / {r['ssim']:.2f} ({r['best_attack']}) | "
                      f"{r['psnr_fake']:.1f} dB | {r['mia_auc']:.2f} | {r['nn_train']:.3f} / {r['nn_heldout']:.3f} | "
