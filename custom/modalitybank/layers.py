@@ -246,15 +246,20 @@ class BrainInstanceNorm(nn.Module):
 
     def forward(self, x: torch.Tensor, brain: torch.Tensor) -> torch.Tensor:
         x = x.float()  # statistics in float32, also when the convolutions run in bfloat16 (autocast)
-        dims = list(range(2, x.dim()))
-        mean = x.mean(dim=dims, keepdim=True)
-        var = x.var(dim=dims, unbiased=False, keepdim=True)
+        n, c = x.shape[0], x.shape[1]
+        flat = x.reshape(n, c, -1)
+        var, mean = torch.var_mean(flat, dim=2, unbiased=False, keepdim=True)
         if self.masked:
-            w = F.interpolate(brain.to(x.dtype), size=x.shape[2:], mode="area")
-            area = w.sum(dim=dims, keepdim=True)
-            brain_mean = (w * x).sum(dim=dims, keepdim=True) / area.clamp_min(self.eps)
-            brain_var = (w * (x - brain_mean) ** 2).sum(dim=dims, keepdim=True) / area.clamp_min(self.eps)
+            w = F.interpolate(brain.to(x.dtype), size=x.shape[2:], mode="area").reshape(n, 1, -1)
+            area = w.sum(dim=2, keepdim=True)
+            weight = w / area.clamp_min(self.eps)
+            # moments about the slice's mean (not E[x²] − E[x]², which cancels when a channel's mean is large);
+            # sums of products, not bmm, which autocast would run in bfloat16
+            centred = flat - mean
+            shift = (centred * weight).sum(dim=2, keepdim=True)
+            brain_mean = mean + shift
+            brain_var = ((centred * centred * weight).sum(dim=2, keepdim=True) - shift * shift).clamp_min(0.0)
             trust = (area / self.min_weight).clamp(0.0, 1.0)
             mean = trust * brain_mean + (1.0 - trust) * mean
             var = trust * brain_var + (1.0 - trust) * var
-        return (x - mean) / torch.sqrt(var + self.eps)
+        return ((flat - mean) * torch.rsqrt(var + self.eps)).reshape(x.shape)
