@@ -7,6 +7,8 @@ usage:
   python tools/benchmark_diagnostics.py false-positives WORKDIR SEG_STAGE CASE
   python tools/benchmark_diagnostics.py components WORKDIR SEG_STAGE
   python tools/benchmark_diagnostics.py labels FOLDER
+  python tools/benchmark_diagnostics.py seg-seeds WORKDIR SEG_STAGE SEED [SEED ...]
+  python tools/benchmark_diagnostics.py slices WORKDIR SYNTH_STAGE CASE OUT.png
 
 ``labels``: the voxels of each tumour label in every grade folder (``HGG``, ``LGG``) of a BraTS-layout
 folder: a data set, or a pre-training source of the benchmark's workdir (``sources/hgg``).
@@ -28,6 +30,15 @@ draws it as a ramp teaches a segmentation network to put the edge inside the bri
 through the bundle's evaluation preprocessing and inferer: true/false positives (and how many of them
 lie within 2 voxels of the tumour) and false negatives, by the slice's brain area (over the case's
 largest), and the real z-scored intensities where it was wrong.
+
+``seg-seeds``: how much a row moves with the segmentation network's seed alone: the row's training data
+(its ``datalist.json``, or the synthesis stage's for a synthetic row) trained again through the bundle with
+the same budget and other seeds, and evaluated on the same test cases (in ``WORKDIR/diagnostics/``); the
+stage's own seed is read from its ``trained.json``. The spread the GAN adds on top is not in it.
+
+``slices``: a PNG of one training case, real above synthetic for every modality, at seven axial levels from
+the top of the brain to the bottom (the largest tumour slice among them), z-scored inside the brain as the
+segmentation bundle sees them, the tumour outlined: what the synthetic healthy brain lacks.
 
 ``components``: a segmentation row's prediction on every held-out test case: how many connected
 pieces it has, and its Dice with only the largest kept (how much isolated false positives cost).
@@ -190,6 +201,65 @@ def components(workdir: Path, stage: str) -> dict[str, dict[str, float]]:
     return out
 
 
+def seg_seeds(workdir: Path, stage: str, seeds: list[int]) -> dict[str, object]:
+    """Dice (and sensitivity) of segmentation row ``stage`` trained again with each of ``seeds``, its own run beside."""
+    from modalitybank.benchmark import segment
+    from modalitybank.benchmark.plan import Budget
+
+    trained = json.loads((workdir / stage / "trained.json").read_text())
+    settings = json.loads((workdir / "settings.json").read_text())
+    mods = _modalities(workdir, stage)
+    own = json.loads((workdir / stage / "stage.json").read_text())["result"]
+    runs = {int(trained["seed"]): {"dice": round(own["mean"]["dice"], 4), "sens": round(own["mean"]["sens"], 4)}}
+    for seed in seeds:
+        folder = workdir / "diagnostics" / "seg-seeds" / f"{Path(stage).name}-s{seed}"
+        models = segment.train(trained["datalist"], folder, mods, Budget.of(settings["scale"]), seed).parent
+        m = segment.evaluate(models, workdir / "data", "test", folder / "eval", mods)
+        runs[seed] = {"dice": round(m["mean"]["dice"], 4), "sens": round(m["mean"]["sens"], 4)}
+    dice = np.array([r["dice"] for r in runs.values()])
+    return {"seeds": runs, "dice_mean": round(float(dice.mean()), 4), "dice_std": round(float(dice.std()), 4)}
+
+
+def slices(workdir: Path, stage: str, case: str, out: Path) -> Path:
+    """The :mod:`slices <benchmark_diagnostics>` figure of training case ``case`` of synthesis ``stage``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    mods = _modalities(workdir, stage)
+    real_dir, syn_dir = workdir / "data" / "HGG" / case, workdir / stage / "HGG" / case
+    real = {m: nib.load(real_dir / f"{case}_{FILE_SUFFIX[m]}.nii.gz").get_fdata() for m in mods}
+    syn = {m: nib.load(syn_dir / f"{case}_{FILE_SUFFIX[m]}.nii.gz").get_fdata() for m in mods}
+    tumour = nib.load(real_dir / f"{case}_seg.nii.gz").get_fdata() > 0
+    brain = np.any([v > 0 for v in real.values()], axis=0)
+    area = brain.sum((0, 1)) / brain.sum((0, 1)).max()
+    top = int(np.argmax(area))
+    below, above = np.flatnonzero(area[:top] > 0), np.flatnonzero(area[top:] > 0) + top
+    levels = [int(below[np.argmin(np.abs(area[below] - f))]) for f in (0.1, 0.3)] if len(below) else []
+    levels += [int(np.argmax(tumour.sum((0, 1)))), top]
+    levels += [int(above[np.argmin(np.abs(area[above] - f))]) for f in (0.5, 0.2, 0.05)]
+    fig, axes = plt.subplots(2 * len(mods), len(levels), figsize=(2.2 * len(levels), 4.4 * len(mods)), squeeze=False)
+    for j, k in enumerate(levels):
+        for i, m in enumerate(mods):
+            for r, (name, volumes) in enumerate((("real", real), ("synthetic", syn))):
+                ax = axes[2 * i + r][j]
+                ax.imshow(_z(volumes[m], brain)[:, :, k].T, cmap="gray", vmin=-3, vmax=4, origin="lower")
+                if tumour[:, :, k].any():
+                    ax.contour(tumour[:, :, k].T, levels=[0.5], colors="r", linewidths=0.5)
+                ax.set_xticks([])
+                ax.set_yticks([])
+                if j == 0:
+                    ax.set_ylabel(f"{name} {m}")
+                if i == 0 and r == 0:
+                    ax.set_title(f"slice {k}, brain {area[k]:.2f}", fontsize=8)
+    fig.suptitle(f"{case}: {stage}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(out, dpi=70)
+    plt.close(fig)
+    return out
+
+
 def false_positives(workdir: Path, stage: str, case_id: str) -> dict[str, object]:
     """Where row ``stage`` is wrong on test case ``case_id`` (see the module docstring)."""
     _, image, tumour, pred = next(_predictions(workdir, stage, case_id))
@@ -242,6 +312,15 @@ def main() -> None:
     e = sub.add_parser("edges")
     e.add_argument("workdir", type=Path)
     e.add_argument("stage", help="a synthesis stage, e.g. synth/bank-multimodal-lgg-seed0")
+    ss = sub.add_parser("seg-seeds")
+    ss.add_argument("workdir", type=Path)
+    ss.add_argument("stage", help="a segmentation stage of a real or synthetic row, e.g. seg/synthetic_multimodal_bank-lgg-seed0")
+    ss.add_argument("seeds", type=int, nargs="+")
+    sl = sub.add_parser("slices")
+    sl.add_argument("workdir", type=Path)
+    sl.add_argument("stage", help="a synthesis stage, e.g. synth/bank-multimodal-lgg-seed0")
+    sl.add_argument("case", help="a training case, e.g. Brats18_TCIA03_534_1")
+    sl.add_argument("out", type=Path, help="the PNG to write")
     la = sub.add_parser("labels")
     la.add_argument("folder", type=Path)
     a = parser.parse_args()
@@ -259,6 +338,10 @@ def main() -> None:
         print("(synthetic / real" + (")" if a.what == "separation" else ": mean z inside the brain)"))
     elif a.what == "components":
         print(json.dumps(components(a.workdir, a.stage), indent=1))
+    elif a.what == "slices":
+        print(slices(a.workdir, a.stage, a.case, a.out))
+    elif a.what == "seg-seeds":
+        print(json.dumps(seg_seeds(a.workdir, a.stage, a.seeds), indent=1))
     else:
         result = false_positives(a.workdir, a.stage, a.case)
         print(json.dumps(result, indent=1))
