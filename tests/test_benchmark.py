@@ -222,6 +222,21 @@ def test_stage_eta_uses_the_times_of_stages_of_the_same_kind(tmp_path: Path) -> 
     assert later.eta() == pytest.approx(100.0)  # the finished gan's time, not the pretraining's per unit of cost
 
 
+def test_a_stage_computed_in_this_run_and_asked_for_again_is_not_counted_as_reused(tmp_path: Path) -> None:
+    """Table II's Completed rows ask again for the bank this run learned: its time is this run's, not an earlier one's."""
+    from modalitybank.benchmark.stages import Stages
+
+    calls = []
+    stages = Stages(tmp_path, [("gan", "gan/a"), ("synth", "synth/a")], progress=False)
+    first = stages.run("gan", "gan/a", lambda folder: calls.append(folder) or {"n": 1})
+    again = stages.run("gan", "gan/a", lambda folder: calls.append(folder) or {"n": 2})
+    assert first == again == {"n": 1} and len(calls) == 1
+    assert stages.summary()["gan/a"]["reused"] is False
+    later = Stages(tmp_path, [("gan", "gan/a")], progress=False)
+    later.run("gan", "gan/a", lambda folder: {"n": 3})
+    assert later.summary()["gan/a"]["reused"] is True
+
+
 def test_scanner_bias_on_a_z_scored_patch_is_a_raw_intensity_bias_field() -> None:
     """The bundle's bias-field augmentation acts on z-scored patches; shifted by ``brain_mean_z`` it is
     exactly a raw-intensity bias field for a brain whose mean is that many standard deviations."""

@@ -53,8 +53,9 @@ class Stages:
         """``fn(folder)`` once: its result is stored in ``folder/stage.json`` and read back on a rerun."""
         previous = self.done(name)
         if previous is not None:
-            self.times[name] = {"kind": kind, "seconds": previous["seconds"], "reused": True}
-            self._say(f"{kind:8s} {name}: done before ({previous['seconds']:.0f} s), reused")
+            if name not in self.times:  # a stage this run computed and asks for again (a Completed row) stays its own
+                self.times[name] = {"kind": kind, "seconds": previous["seconds"], "reused": True}
+                self._say(f"{kind:8s} {name}: done before ({previous['seconds']:.0f} s), reused")
             return previous["result"]
         self._say(f"{kind:8s} {name} ...")
         folder = self.path(name)
