@@ -68,11 +68,11 @@ def _centre(case: str) -> str:
     return "CBICA" if "CBICA" in case else "TCIA" if "TCIA" in case else "Other"
 
 
-def _pairs(workdir: Path, stage: str) -> Iterator[tuple[str, str, np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:
-    """``(centre, modality, synthetic z, real z, seg, brain)`` for every training case and modality of
-    synthesis stage ``stage``, both images z-scored inside the real image's brain."""
+def _pairs(workdir: Path, stage: str, case: str = "*") -> Iterator[tuple[str, str, np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:
+    """``(centre, modality, synthetic z, real z, seg, brain)`` for every training case (or the one named
+    ``case``) and modality of synthesis stage ``stage``, both images z-scored inside the real image's brain."""
     real_root = workdir / "data"
-    for case_dir in sorted((workdir / stage).glob("*GG/*")):
+    for case_dir in sorted((workdir / stage).glob(f"*GG/{case}")):
         case = case_dir.name
         real_dir = next(real_root.glob(f"*GG/{case}"))
         seg = np.asarray(nib.load(real_dir / f"{case}_seg.nii.gz").dataobj)
@@ -227,12 +227,12 @@ def slices(workdir: Path, stage: str, case: str, out: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    mods = _modalities(workdir, stage)
-    real_dir, syn_dir = workdir / "data" / "HGG" / case, workdir / stage / "HGG" / case
-    real = {m: nib.load(real_dir / f"{case}_{FILE_SUFFIX[m]}.nii.gz").get_fdata() for m in mods}
-    syn = {m: nib.load(syn_dir / f"{case}_{FILE_SUFFIX[m]}.nii.gz").get_fdata() for m in mods}
-    tumour = nib.load(real_dir / f"{case}_seg.nii.gz").get_fdata() > 0
-    brain = np.any([v > 0 for v in real.values()], axis=0)
+    real, syn = {}, {}
+    for _, m, synthetic_z, real_z, seg, mask in _pairs(workdir, stage, case):
+        real[m], syn[m], tumour, brain = real_z, synthetic_z, seg > 0, mask
+    if not real:
+        raise SystemExit(f"{workdir / stage}: no synthetic images of case {case}")
+    mods = list(real)
     area = brain.sum((0, 1)) / brain.sum((0, 1)).max()
     top = int(np.argmax(area))
     below, above = np.flatnonzero(area[:top] > 0), np.flatnonzero(area[top:] > 0) + top
@@ -244,7 +244,7 @@ def slices(workdir: Path, stage: str, case: str, out: Path) -> Path:
         for i, m in enumerate(mods):
             for r, (name, volumes) in enumerate((("real", real), ("synthetic", syn))):
                 ax = axes[2 * i + r][j]
-                ax.imshow(_z(volumes[m], brain)[:, :, k].T, cmap="gray", vmin=-3, vmax=4, origin="lower")
+                ax.imshow(volumes[m][:, :, k].T, cmap="gray", vmin=-3, vmax=4, origin="lower")
                 if tumour[:, :, k].any():
                     ax.contour(tumour[:, :, k].T, levels=[0.5], colors="r", linewidths=0.5)
                 ax.set_xticks([])
