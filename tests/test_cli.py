@@ -47,6 +47,7 @@ def test_bench_layers_json() -> None:
     assert result["train_seconds_plain"] > 0 and result["infer_seconds_plain"] > 0
     assert result["norm"] == "brain" and result["norm_train_ratio"] > 0
     assert result["precision"] == "float32" and result["precision_train_ratio"] == 1.0  # tiny's: no second step
+    assert result["compile"] == "never" and not result["compile_effective"] and result["compile_train_ratio"] == 1.0
 
 
 def test_bad_data_folder_is_a_clear_error(tmp_path) -> None:

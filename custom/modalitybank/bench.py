@@ -12,6 +12,7 @@ import torch
 
 from modalitybank import config
 from modalitybank.networks import MASK_CHANNELS, ResnetGenerator, effective_precision
+from modalitybank.norm import compiled_norm_enabled
 
 __all__ = ["bench_fl", "bench_layers", "side_by_side"]
 
@@ -48,12 +49,14 @@ def bench_layers(scale: str = "small", steps: int = 5, rounds: int = 7, seed: in
     model, size, batch = p["model"], p["slices"]["image_size"], p["train"]["batch_size"]
     torch.manual_seed(seed)
     precision = model.get("precision", "float32")
+    compiled = compiled_norm_enabled(model.get("compile", "never"), "cpu")
     kwargs = {"ngf": model["ngf"], "n_blocks": model["n_blocks"], "n_downsampling": model["n_downsampling"],
-              "norm": model["norm"], "precision": precision}
+              "norm": model["norm"], "precision": precision, "compile": model.get("compile", "never")}
     madafm = ResnetGenerator(modulated=True, **kwargs)
     unmasked = ResnetGenerator(modulated=True, **{**kwargs, "norm": "instance"})
     full = ResnetGenerator(modulated=True, **{**kwargs, "precision": "float32"})
-    for net in (madafm, unmasked, full):
+    eager = ResnetGenerator(modulated=True, **{**kwargs, "compile": "never"})
+    for net in (madafm, unmasked, full, eager):
         net.bank.add("flair")
         net.bank.freeze_base()
         net.bank.use("flair")
@@ -64,6 +67,7 @@ def bench_layers(scale: str = "small", steps: int = 5, rounds: int = 7, seed: in
     opt_plain = torch.optim.Adam(plain.parameters(), lr=2e-4)
     opt_unmasked = torch.optim.Adam(unmasked.bank.entry_parameters("flair"), lr=2e-4)
     opt_full = torch.optim.Adam(full.bank.entry_parameters("flair"), lr=2e-4)
+    opt_eager = torch.optim.Adam(eager.bank.entry_parameters("flair"), lr=2e-4)
 
     def train(net: torch.nn.Module, opt: torch.optim.Optimizer) -> Callable[[], None]:
         def step() -> None:
@@ -76,6 +80,8 @@ def bench_layers(scale: str = "small", steps: int = 5, rounds: int = 7, seed: in
            "madafm_instance_norm": train(unmasked, opt_unmasked)}
     if effective_precision(precision, "cpu") != "float32":
         fns["madafm_float32"] = train(full, opt_full)
+    if compiled:
+        fns["madafm_eager_norm"] = train(eager, opt_eager)
     train_times = side_by_side(fns, steps, rounds)
     folded = madafm.bank.fold("flair")
     plain.eval()
@@ -95,6 +101,9 @@ def bench_layers(scale: str = "small", steps: int = 5, rounds: int = 7, seed: in
         "precision": precision,
         "precision_effective": effective_precision(precision, "cpu"),
         "precision_train_ratio": round(train_times["madafm"] / train_times.get("madafm_float32", train_times["madafm"]), 4),
+        "compile": model.get("compile", "never"),
+        "compile_effective": compiled,
+        "compile_train_ratio": round(train_times["madafm"] / train_times.get("madafm_eager_norm", train_times["madafm"]), 4),
         "train_seconds_madafm": round(train_times["madafm"], 5),
         "train_seconds_plain": round(train_times["plain"], 5),
         "infer_seconds_madafm": round(infer_times["madafm"], 5),

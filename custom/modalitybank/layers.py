@@ -18,6 +18,8 @@ import torch.nn.functional as F
 from monai.networks.layers.factories import Conv
 from torch import nn
 
+from modalitybank.norm import BrainInstanceNorm
+
 __all__ = ["BankEntry", "BrainInstanceNorm", "MAdaFMConv", "weight_statistics"]
 
 #: Below this a kernel's spatial standard deviation counts as zero (1×1 kernels, constant kernels).
@@ -205,61 +207,3 @@ class MAdaFMConv(nn.Module):
         kind = "transposed " if self.transposed else ""
         return (f"{self.spatial_dims}D {kind}{self.in_channels}->{self.out_channels}, kernel={tuple(self.weight.shape[2:])}, "
                 f"stride={self.stride}, entries={list(self.entries)}, active={self.active!r}")
-
-
-class BrainInstanceNorm(nn.Module):
-    """Instance normalisation whose statistics are taken inside the brain.
-
-    Instance norm over the whole slice (``nn.InstanceNorm2d``) lets the background set the
-    statistics: a peripheral slice, where the brain covers a few percent of the frame, is
-    normalised mostly by background and comes out darker than a central slice of the same tissue
-    (README, "Why the peripheral slices are dark"). Here each channel's mean and variance are
-    weighted by the brain mask, resampled to the feature map by area averaging, so they describe
-    the brain whatever its share of the frame. Where the brain is smaller than ``min_weight``
-    pixels of the feature map (it vanishes at the bottleneck of the outermost slices), the
-    statistics blend linearly into the whole-slice ones, so the output stays finite and continuous
-    in the mask. No affine parameters: a bank entry alone decides a modality's style.
-
-    Args:
-        masked: ``False`` gives plain instance norm (the generators trained before version 0.3.0
-            of the generator bundle); the mask is then ignored.
-        min_weight: brain area, in pixels of the feature map, from which the brain's statistics
-            are used unblended.
-        eps: added to the variance, as in ``nn.InstanceNorm2d``.
-
-    Shapes: ``x (N, C, *S)``, ``brain (N, 1, *S0)`` in [0, 1] at any resolution → ``(N, C, *S)`` float32.
-
-    Example::
-
-        >>> norm = BrainInstanceNorm()
-        >>> x, brain = torch.randn(2, 8, 16, 16), torch.ones(2, 1, 64, 64)
-        >>> torch.allclose(norm(x, brain), nn.InstanceNorm2d(8)(x), atol=1e-5)
-        True
-    """
-
-    def __init__(self, masked: bool = True, min_weight: float = 4.0, eps: float = 1e-5) -> None:
-        super().__init__()
-        self.takes_brain = True  # forward(x, brain): the generator passes the mask to layers that have this
-        self.masked = masked
-        self.min_weight = min_weight
-        self.eps = eps
-
-    def forward(self, x: torch.Tensor, brain: torch.Tensor) -> torch.Tensor:
-        x = x.float()  # statistics in float32, also when the convolutions run in bfloat16 (autocast)
-        n, c = x.shape[0], x.shape[1]
-        flat = x.reshape(n, c, -1)
-        var, mean = torch.var_mean(flat, dim=2, unbiased=False, keepdim=True)
-        if self.masked:
-            w = F.interpolate(brain.to(x.dtype), size=x.shape[2:], mode="area").reshape(n, 1, -1)
-            area = w.sum(dim=2, keepdim=True)
-            weight = w / area.clamp_min(self.eps)
-            # moments about the slice's mean (not E[x²] − E[x]², which cancels when a channel's mean is large);
-            # sums of products, not bmm, which autocast would run in bfloat16
-            centred = flat - mean
-            shift = (centred * weight).sum(dim=2, keepdim=True)
-            brain_mean = mean + shift
-            brain_var = ((centred * centred * weight).sum(dim=2, keepdim=True) - shift * shift).clamp_min(0.0)
-            trust = (area / self.min_weight).clamp(0.0, 1.0)
-            mean = trust * brain_mean + (1.0 - trust) * mean
-            var = trust * brain_var + (1.0 - trust) * var
-        return ((flat - mean) * torch.rsqrt(var + self.eps)).reshape(x.shape)

@@ -25,7 +25,8 @@ from torch import nn
 
 from modalitybank.bank import ModalityBank
 from modalitybank.config import BRATS_LABELS
-from modalitybank.layers import BrainInstanceNorm, MAdaFMConv
+from modalitybank.layers import MAdaFMConv
+from modalitybank.norm import BrainInstanceNorm, check_compile
 
 __all__ = [
     "MASK_CHANNELS",
@@ -134,15 +135,16 @@ class _BrainSequential(nn.ModuleList):
 class _ResidualBlock(nn.Module):
     """conv → norm → ReLU → conv → norm, added to the input; the norms see the brain mask."""
 
-    def __init__(self, modulated: bool, spatial_dims: int, channels: int, masked_norm: bool) -> None:
+    def __init__(self, modulated: bool, spatial_dims: int, channels: int, masked_norm: bool,
+                 compile: str = "never") -> None:
         super().__init__()
         self.takes_brain = True  # forward(x, brain): see _BrainSequential
         # indices as in the nn.Sequential of the generators before 0.3.0, so saved bank entries keep their names
         self.body = _BrainSequential([
             _conv(modulated, spatial_dims, channels, channels, 3, padding=1, padding_mode="reflect"),
-            BrainInstanceNorm(masked_norm), nn.ReLU(inplace=True),
+            BrainInstanceNorm(masked_norm, compile=compile), nn.ReLU(inplace=True),
             _conv(modulated, spatial_dims, channels, channels, 3, padding=1, padding_mode="reflect"),
-            BrainInstanceNorm(masked_norm),
+            BrainInstanceNorm(masked_norm, compile=compile),
         ])
 
     def forward(self, x: torch.Tensor, brain: torch.Tensor) -> torch.Tensor:
@@ -186,6 +188,10 @@ class ResnetGenerator(nn.Module):
             is a 7×7 box filter — a ramp 7 pixels wide at every edge of a label the pre-training modality
             hardly showed (edema in T1c). On a 1×1 kernel ``B`` is the whole weight: each entry gives each
             label its own intensity offset, with the label's edge as sharp as the mask's.
+        compile: the brain-masked norms as one ``torch.compile``'d kernel (:data:`~modalitybank.norm.COMPILE_MODES`:
+            ``"never"``, ``"always"``, ``"auto"`` where the machine can build kernels); same output to float32
+            rounding, about 30 % less time per bank iteration on a 2-core CPU. A setting of how it runs, not of
+            what it computes, saved like ``precision``; TorchScript runs eager.
 
     Shapes: ``(N, in_channels, *spatial)`` → ``(N, out_channels, *spatial)`` in [-1, 1].
 
@@ -203,7 +209,7 @@ class ResnetGenerator(nn.Module):
                  n_blocks: int = 4, n_downsampling: int = 2, modulated: bool = True,
                  output_modalities: Sequence[str] | None = None, base_modality: str | None = None,
                  norm: str = "brain", precision: str = "float32", mask_skip: bool = False,
-                 mask_skip_kernel: int = 7) -> None:
+                 mask_skip_kernel: int = 7, compile: str = "never") -> None:
         super().__init__()
         if norm not in NORMS:
             raise ValueError(f"norm must be one of {NORMS}, not {norm!r}")
@@ -214,23 +220,23 @@ class ResnetGenerator(nn.Module):
             "n_blocks": n_blocks, "n_downsampling": n_downsampling, "modulated": modulated,
             "output_modalities": list(output_modalities) if output_modalities is not None else None,
             "base_modality": base_modality, "norm": norm, "precision": _check_precision(precision),
-            "mask_skip": bool(mask_skip), "mask_skip_kernel": int(mask_skip_kernel),
+            "mask_skip": bool(mask_skip), "mask_skip_kernel": int(mask_skip_kernel), "compile": check_compile(compile),
         }
         self.precision = precision
         masked = norm == "brain"
         layers: list[nn.Module] = [
             _conv(modulated, spatial_dims, in_channels, ngf, 7, padding=3, padding_mode="reflect"),
-            BrainInstanceNorm(masked), nn.ReLU(inplace=True),
+            BrainInstanceNorm(masked, compile=compile), nn.ReLU(inplace=True),
         ]
         channels = ngf
         for _ in range(n_downsampling):
             layers += [_conv(modulated, spatial_dims, channels, channels * 2, 3, stride=2, padding=1),
-                       BrainInstanceNorm(masked), nn.ReLU(inplace=True)]
+                       BrainInstanceNorm(masked, compile=compile), nn.ReLU(inplace=True)]
             channels *= 2
-        layers += [_ResidualBlock(modulated, spatial_dims, channels, masked) for _ in range(n_blocks)]
+        layers += [_ResidualBlock(modulated, spatial_dims, channels, masked, compile) for _ in range(n_blocks)]
         for _ in range(n_downsampling):
             layers += [_conv(modulated, spatial_dims, channels, channels // 2, 3, stride=2, padding=1, transposed=True),
-                       BrainInstanceNorm(masked), nn.ReLU(inplace=True)]
+                       BrainInstanceNorm(masked, compile=compile), nn.ReLU(inplace=True)]
             channels //= 2
         in_head = mask_skip and mask_skip_kernel == 7  # the 0.4.x layout
         head = _conv(modulated, spatial_dims, channels + (in_channels if in_head else 0), out_channels, 7, padding=3,
@@ -321,7 +327,8 @@ def build_generator(model: dict[str, Any], spatial_dims: int = 2, output_modalit
                            ngf=model["ngf"], n_blocks=model["n_blocks"], n_downsampling=model["n_downsampling"],
                            modulated=not multi, output_modalities=output_modalities, base_modality=base_modality,
                            norm=model["norm"], precision=model.get("precision", "float32"),
-                           mask_skip=model.get("mask_skip", False), mask_skip_kernel=model.get("mask_skip_kernel", 7))
+                           mask_skip=model.get("mask_skip", False), mask_skip_kernel=model.get("mask_skip_kernel", 7),
+                           compile=model.get("compile", "never"))
 
 
 class ConditionalDiscriminator(nn.Module):

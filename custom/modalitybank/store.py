@@ -24,11 +24,12 @@ __all__ = ["load_generator", "made_modalities", "read_info", "save_generator"]
 
 _ARCH_KEYS = ("spatial_dims", "in_channels", "out_channels", "ngf", "n_blocks", "n_downsampling", "modulated",
               "output_modalities", "base_modality", "norm", "precision", "mask_skip",
-              "mask_skip_kernel")
+              "mask_skip_kernel", "compile")
 
 #: The settings a generator saved without them was trained with (norm came in generator bundle 0.3.0,
-#: precision and mask_skip in 0.4.0, mask_skip_kernel in 0.5.0).
-_LEGACY_ARCH = {"norm": "instance", "precision": "float32", "mask_skip": False, "mask_skip_kernel": 7}
+#: precision and mask_skip in 0.4.0, mask_skip_kernel in 0.5.0, compile in 0.5.3).
+_LEGACY_ARCH = {"norm": "instance", "precision": "float32", "mask_skip": False, "mask_skip_kernel": 7,
+                "compile": "never"}
 
 
 def save_generator(generator: ResnetGenerator, folder: str | Path, meta: dict[str, Any] | None = None,
