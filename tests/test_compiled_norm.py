@@ -12,7 +12,7 @@ import torch
 from modalitybank import config, norm
 from modalitybank.networks import ResnetGenerator, build_generator
 from modalitybank.norm import BrainInstanceNorm, brain_instance_norm, compiled_norm_enabled
-from modalitybank.store import load_generator, save_generator
+from modalitybank.store import load_generator, save_generator, with_run_settings
 
 needs_compiler = pytest.mark.skipif(not norm.compile_available("cpu"),
                                     reason="torch.compile cannot build CPU kernels here (no C++ compiler)")
@@ -99,3 +99,25 @@ def test_compile_is_saved_and_a_store_without_it_loads_eager(tmp_path: Path) -> 
     del info["architecture"]["compile"]  # as written before the setting existed
     (tmp_path / "g" / "generator.json").write_text(json.dumps(info))
     assert load_generator(tmp_path / "g").config["compile"] == "never"
+
+
+def test_a_copy_with_other_run_settings_holds_the_same_weights(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    g = ResnetGenerator(ngf=8, n_blocks=1, base_modality="t1c", compile="auto")
+    g.bank.add("t2")
+    with torch.no_grad():
+        for p in g.bank.entry_parameters("t2"):
+            p.add_(torch.randn_like(p) * 0.1)
+    save_generator(g, tmp_path / "g")
+    copy = with_run_settings(tmp_path / "g", tmp_path / "copy", compile="never")
+    loaded = load_generator(copy)
+    assert loaded.config["compile"] == "never" and load_generator(tmp_path / "g").config["compile"] == "auto"
+    original = load_generator(tmp_path / "g").state_dict()
+    assert loaded.state_dict().keys() == original.keys()
+    assert all(torch.equal(v, original[k]) for k, v in loaded.state_dict().items())
+    assert loaded.bank.modalities == ["t2"]
+    with pytest.raises(ValueError, match="ngf"):
+        with_run_settings(tmp_path / "g", tmp_path / "bad", ngf=16)
+    with pytest.raises(ValueError, match="compile"):
+        with_run_settings(tmp_path / "g", tmp_path / "bad", compile="fast")
+    assert not (tmp_path / "bad").exists()

@@ -136,10 +136,11 @@ def reference_iteration(pretrained: Any, targets: Sequence[str], site_modalities
 
 def bench_fl(scale: str = "small", iterations: int = 30, warmup: int = 5, workdir: str | None = None,
              wire_dtype: str = "float32", experiment: str = "multimodal", progress: bool = True,
-             poll_interval: float | None = None) -> dict[str, Any]:
+             poll_interval: float | None = None, compile: str | None = None) -> dict[str, Any]:
     """The federated iteration (NVFlare simulator, 3 sites) against the single-process reference
     iteration, on the same data, networks and batch size, run one after the other in this command.
-    ``poll_interval``: the job's (``None``: its default).
+    ``poll_interval``: the job's (``None``: its default). ``compile``: the generator's norms compiled or
+    not (:data:`~modalitybank.norm.COMPILE_MODES`; ``None``: as the pre-trained base was saved).
 
     Also the bytes that cross per iteration and site, as NVFlare serialises the messages, against
     the minimum: the raw masks, fakes and gradients.
@@ -153,6 +154,7 @@ def bench_fl(scale: str = "small", iterations: int = 30, warmup: int = 5, workdi
     from modalitybank.data.brats import site_datasets
     from modalitybank.data.default import CACHE_ROOT, default_phantom, default_pretrained
     from modalitybank.fl.jobs import simulate
+    from modalitybank.store import read_info, with_run_settings
     from modalitybank.training import TrainSettings
 
     job = {"multimodal": "modalitybank_multimodal", "missing_modality": "modalitybank_missing_modality"}[experiment]
@@ -160,13 +162,15 @@ def bench_fl(scale: str = "small", iterations: int = 30, warmup: int = 5, workdi
     data = default_phantom(scale)
     cache = CACHE_ROOT / "slices"
     pretrained = default_pretrained(scale, data_root=data, cache_dir=cache)
+    workdir = workdir or tempfile.mkdtemp(prefix="modalitybank-bench-fl-")
+    if compile is not None:
+        pretrained = with_run_settings(pretrained, Path(workdir) / "pretrained", compile=compile)
 
     settings = TrainSettings.from_preset(scale, "bank", iterations=iterations)
     reference = reference_iteration(pretrained, exp["targets"], exp["sites"],
                                     site_datasets(data, experiment, scale, cache_dir=cache), scale, iterations, warmup)
 
     # federated: the same in the NVFlare simulator
-    workdir = workdir or tempfile.mkdtemp(prefix="modalitybank-bench-fl-")
     result = simulate(job, Path(workdir) / "run", scale=scale, rounds=iterations, progress=progress,
                       data_root=str(data), cache_dir=str(cache), pretrained=str(pretrained),
                       measure_wire_bytes=True, wire_dtype=wire_dtype, poll_interval=poll_interval)
@@ -191,4 +195,5 @@ def bench_fl(scale: str = "small", iterations: int = 30, warmup: int = 5, workdi
         "reference_seconds_per_iteration": round(reference, 4),
         "federated_seconds_per_iteration": round(federated, 4),
         "scale": scale, "iterations": iterations, "wire_dtype": wire_dtype, "sites": result["sites"],
+        "compile": read_info(pretrained)["architecture"]["compile"],
     }

@@ -155,7 +155,7 @@ def cmd_bench_fl(a: argparse.Namespace) -> dict[str, Any]:
     from modalitybank.bench import bench_fl
 
     return bench_fl(a.scale, iterations=a.iterations, workdir=a.workdir, wire_dtype=a.wire_dtype,
-                    experiment=a.experiment, progress=not a.quiet, poll_interval=a.poll_interval)
+                    experiment=a.experiment, progress=not a.quiet, poll_interval=a.poll_interval, compile=a.compile)
 
 
 def cmd_demo(a: argparse.Namespace) -> dict[str, Any]:
@@ -337,6 +337,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sites", type=int, nargs="+", default=None,
                    help="site counts to compare (e.g. 3 6 12): seconds per iteration against the number of sites")
     p.add_argument("--figure", type=Path, default=None, help="with --sites: where the PNG curve goes")
+    p.add_argument("--compile", default=None, metavar="MODE",
+                   help="the generator's norms compiled or eager: never, always or auto (modalitybank.norm.COMPILE_MODES; "
+                   "default: as the pre-trained base was saved)")
     _poll_argument(p)
     p.set_defaults(fn=cmd_bench_fl)
 

@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,7 @@ import torch
 from modalitybank.bank import atomic_save, atomic_write_json
 from modalitybank.networks import ResnetGenerator
 
-__all__ = ["load_generator", "made_modalities", "read_info", "save_generator"]
+__all__ = ["load_generator", "made_modalities", "read_info", "save_generator", "with_run_settings"]
 
 _ARCH_KEYS = ("spatial_dims", "in_channels", "out_channels", "ngf", "n_blocks", "n_downsampling", "modulated",
               "output_modalities", "base_modality", "norm", "precision", "mask_skip",
@@ -97,3 +98,29 @@ def load_generator(folder: str | Path, modalities: Sequence[str] | None = None) 
         generator.bank.load_entry(path, name)
     generator.bank.freeze_base()
     return generator
+
+
+#: Architecture settings of how a generator runs, not of what it computes: a copy may change them.
+RUN_SETTINGS = ("compile", "precision")
+
+
+def with_run_settings(folder: str | Path, out: str | Path, **settings: str) -> Path:
+    """A copy in ``out`` of the generator saved in ``folder`` (its weights, entries and provenance, not a
+    training run's state) with other :data:`RUN_SETTINGS` (e.g. ``compile="never"``), for a benchmark of
+    the same weights run another way."""
+    unknown = set(settings) - set(RUN_SETTINGS)
+    if unknown:
+        raise ValueError(f"only {RUN_SETTINGS} can change in a copy, not {sorted(unknown)}")
+    folder, out = Path(folder), Path(out)
+    info = read_info(folder)
+    info["architecture"].update(settings)
+    ResnetGenerator(**{k: info["architecture"].get(k) for k in _ARCH_KEYS})  # refuses a bad value before copying
+    out.mkdir(parents=True, exist_ok=True)
+    for name in ("base.pt", "weights.pt"):
+        if (folder / name).is_file():
+            shutil.copyfile(folder / name, out / name)
+    if (folder / "entries").is_dir():
+        shutil.copytree(folder / "entries", out / "entries", dirs_exist_ok=True)
+    atomic_write_json(info, out / "generator.json")
+    return out
+
