@@ -85,3 +85,10 @@ def centre_of_site(site: str) -> str:
     if site not in mapping:
         raise ValueError(f"site {site!r} is not mapped to a data centre in configs/experiments.json (site_centres)")
     return mapping[site]
+
+
+def one_of(setting: str, value: str, choices: tuple[str, ...]) -> str:
+    """``value`` if it is one of ``choices``; else a ``ValueError`` naming ``setting`` and the choices."""
+    if value not in choices:
+        raise ValueError(f"{setting} must be one of {choices}, not {value!r}")
+    return value

@@ -24,7 +24,7 @@ from monai.networks.nets import BasicUNet, PatchDiscriminator
 from torch import nn
 
 from modalitybank.bank import ModalityBank
-from modalitybank.config import BRATS_LABELS
+from modalitybank.config import BRATS_LABELS, one_of
 from modalitybank.layers import MAdaFMConv
 from modalitybank.norm import BrainInstanceNorm, check_compile
 
@@ -55,9 +55,7 @@ PRECISIONS = ("float32", "bfloat16", "auto")
 
 
 def _check_precision(precision: str) -> str:
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {PRECISIONS}, not {precision!r}")
-    return precision
+    return one_of("precision", precision, PRECISIONS)
 
 
 @functools.cache
@@ -211,8 +209,7 @@ class ResnetGenerator(nn.Module):
                  norm: str = "brain", precision: str = "float32", mask_skip: bool = False,
                  mask_skip_kernel: int = 7, compile: str = "never") -> None:
         super().__init__()
-        if norm not in NORMS:
-            raise ValueError(f"norm must be one of {NORMS}, not {norm!r}")
+        one_of("norm", norm, NORMS)
         if output_modalities is not None and len(output_modalities) != out_channels:
             raise ValueError(f"output_modalities {list(output_modalities)} must name all {out_channels} output channels")
         self.config: dict[str, Any] = {

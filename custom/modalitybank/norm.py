@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from modalitybank.config import one_of
+
 __all__ = ["COMPILE_MODES", "BrainInstanceNorm", "brain_instance_norm", "check_compile", "compile_available",
            "compiled_norm_enabled"]
 
@@ -27,9 +29,7 @@ COMPILE_MODES = ("never", "always", "auto")
 
 
 def check_compile(mode: str) -> str:
-    if mode not in COMPILE_MODES:
-        raise ValueError(f"compile must be one of {COMPILE_MODES}, not {mode!r}")
-    return mode
+    return one_of("compile", mode, COMPILE_MODES)
 
 
 @functools.cache
