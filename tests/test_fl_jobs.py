@@ -61,7 +61,7 @@ def test_job_with_code_carries_the_runtime_only(tmp_path) -> None:
     job = export_job("modalitybank_missing_modality", tmp_path / "job", with_code=True, scale="small", rounds=7)
     custom = job / "app" / "custom"
     modules = {str(p.relative_to(custom / "modalitybank")) for p in (custom / "modalitybank").rglob("*.py")}
-    runtime = {"layers.py", "bank.py", "networks.py", "gan.py", "fl/wire.py", "fl/privacy.py", "fl/executor.py",
+    runtime = {"layers.py", "norm.py", "bank.py", "networks.py", "gan.py", "fl/wire.py", "fl/privacy.py", "fl/executor.py",
                "fl/controller.py", "fl/ledger.py", "fl/site_config.py", "dp.py", "data/brats.py", "data/brats_cases.py", "data/slices.py"}
     assert runtime <= modules
     assert not modules & {"fl/deploy.py", "fl/jobs.py", "bench.py", "cli.py", "data/phantom.py", "data/anatomy.py",
